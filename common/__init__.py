@@ -1,0 +1,1 @@
+"""Shared, torch-free pieces of tpqueue: schemas, errors, settings, Redis keys."""

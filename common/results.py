@@ -1,0 +1,75 @@
+"""What a generation produces: token events while it runs, a result at the end."""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FinishReason(str, Enum):
+    """Why a sequence stopped generating."""
+
+    STOP = "stop"            # EOS, a stop token id or a stop string
+    LENGTH = "length"        # max_tokens, or the model's context is full
+    DEADLINE = "deadline"    # the request's deadline passed while it ran
+    CANCELLED = "cancelled"  # the client cancelled it
+
+
+class ChatMessage(BaseModel):
+    """One turn of a chat, rendered with the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Usage(BaseModel):
+    """Token counts of one request. ``cached_tokens`` of the prompt came from the prefix cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = Field(ge=0)
+    cached_tokens: int = Field(ge=0)
+    generated_tokens: int = Field(ge=0)
+
+
+class Timings(BaseModel):
+    """Wall-clock seconds: waiting before the first schedule, to the first token, in all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue_s: float = Field(ge=0.0)
+    time_to_first_token_s: float = Field(ge=0.0)
+    total_s: float = Field(ge=0.0)
+
+
+class TokenEvent(BaseModel):
+    """One sampled token of one request, in order: ``index`` counts from 0 with no gaps.
+
+    ``text`` is the valid UTF-8 text this token completes (possibly empty while
+    a multi-byte character is still incomplete). The last event of a request
+    carries its ``finish_reason``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    index: int = Field(ge=0)
+    token_id: int = Field(ge=0)
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+class GenerationResult(BaseModel):
+    """The finished output of one request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings

@@ -1,0 +1,27 @@
+"""Settings of one engine (one worker group), validated when the engine is built."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class EngineConfig(BaseModel):
+    """How to build and run an engine. Unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(DEFAULT_MODEL, description="registered model name, model directory, or .gguf file")
+    tp: int = Field(1, ge=1, le=64, description="tensor-parallel ranks")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["cpu", "cuda"] | None = Field(None, description="default: cuda when available")
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
+    max_num_seqs: int = Field(64, ge=1, description="running sequences at most")
+    max_num_batched_tokens: int = Field(1024, ge=16, description="tokens computed per step at most")
+    max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache memory per rank")
+    num_kv_blocks: int | None = Field(None, ge=1, description="exact KV-cache size; overrides kv_cache_gb")
+    enable_prefix_caching: bool = True
+    start_timeout_s: float = Field(120.0, gt=0)

@@ -1,0 +1,141 @@
+"""Runs the model over a worker group's ranks: rank 0 in this process, ranks 1..N-1 in child processes.
+
+Rank 0 broadcasts each step's plan; every rank runs the same forward on its
+slice of the weights and KV cache; logits come back to rank 0. When any rank
+dies, the others stop within seconds: a collective with a dead peer fails,
+and child ranks also exit when their parent process goes away.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+
+import torch
+
+from common.errors import WorkerGroupError
+from gpu_worker.distributed import destroy_group, free_port, init_group, threads_per_rank
+from gpu_worker.engine.model_runner import ModelRunner, RunnerSpec
+from gpu_worker.engine.plan import Command, PlanChannel, StepPlan, shutdown_plan
+
+log = logging.getLogger("tpqueue.executor")
+
+PARENT_POLL_S = 0.5
+
+
+class Executor:
+    """Starts the group's ranks and runs steps on them."""
+
+    def __init__(self, spec: RunnerSpec, world_size: int, start_timeout_s: float = 120.0):
+        self.world_size = world_size
+        self._children: list[mp.Process] = []
+        self._channel = PlanChannel() if world_size > 1 else None
+        self._closed = False
+        torch.set_num_threads(threads_per_rank(world_size))
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        pipes = self._start_children(spec, init_method)
+        try:
+            init_group(0, world_size, init_method, torch.device(spec.device), timeout_s=start_timeout_s)
+            self.runner = ModelRunner(spec)
+            self._wait_until_ready(pipes, start_timeout_s)
+        except BaseException:
+            self._kill_children()
+            destroy_group()
+            raise
+
+    @property
+    def child_pids(self) -> list[int]:
+        return [p.pid for p in self._children]
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """One step on every rank; the float32 logits [seqs, vocab]."""
+        try:
+            if self._channel is not None:
+                self._channel.send(plan)
+            return self.runner.execute(plan)
+        except RuntimeError as exc:
+            if self.world_size > 1:
+                self._fail(f"a collective failed (a rank of the group died?): {exc}")
+            raise
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._channel is not None and all(p.is_alive() for p in self._children):
+            try:
+                self._channel.send(shutdown_plan())
+            except RuntimeError:
+                pass
+        for p in self._children:
+            p.join(timeout=10)
+        self._kill_children()
+        destroy_group()
+
+    def _start_children(self, spec: RunnerSpec, init_method: str) -> list:
+        ctx = mp.get_context("spawn")
+        pipes = []
+        for rank in range(1, self.world_size):
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            process = ctx.Process(target=run_rank, name=f"tpq-rank{rank}", daemon=True,
+                                  args=(rank, self.world_size, init_method, spec, child_end, os.getpid()))
+            process.start()
+            self._children.append(process)
+            pipes.append(parent_end)
+        return pipes
+
+    def _wait_until_ready(self, pipes, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for rank, (pipe, process) in enumerate(zip(pipes, self._children), start=1):
+            while not pipe.poll(0.1):
+                if not process.is_alive():
+                    raise WorkerGroupError(f"rank {rank} exited (code {process.exitcode}) while starting")
+                if time.monotonic() > deadline:
+                    raise WorkerGroupError(f"rank {rank} did not start within {timeout_s:.0f} s")
+            status, detail = pipe.recv()
+            if status != "ready":
+                raise WorkerGroupError(f"rank {rank} failed to start: {detail}")
+
+    def _fail(self, reason: str) -> None:
+        dead = [i + 1 for i, p in enumerate(self._children) if not p.is_alive()]
+        self._closed = True
+        self._kill_children()
+        raise WorkerGroupError(f"worker group failed: {reason}; dead ranks: {dead or 'none seen'}")
+
+    def _kill_children(self) -> None:
+        for p in self._children:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5)
+
+
+def run_rank(rank: int, world_size: int, init_method: str, spec: RunnerSpec, ready_pipe, parent_pid: int) -> None:
+    """Entry point of ranks 1..N-1: build the runner, then run every plan rank 0 sends."""
+    torch.set_num_threads(threads_per_rank(world_size))
+    _exit_when_parent_dies(parent_pid)
+    try:
+        init_group(rank, world_size, init_method, torch.device(spec.device))
+        runner = ModelRunner(spec)
+    except Exception as exc:  # report any start failure to rank 0, which raises it
+        ready_pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    ready_pipe.send(("ready", None))
+    channel = PlanChannel()
+    try:
+        while (plan := channel.recv()).command is Command.STEP:
+            runner.execute(plan)
+    except RuntimeError as exc:
+        log.error("rank %d: leaving after a failed collective: %s", rank, exc)
+        os._exit(1)
+    destroy_group()
+
+
+def _exit_when_parent_dies(parent_pid: int) -> None:
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()

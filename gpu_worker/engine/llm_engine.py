@@ -1,0 +1,193 @@
+"""The rank-0 engine loop: admit requests, step the batch, turn sampled tokens into events and results."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.errors import InvalidConfigError, InvalidRequestError
+from common.results import FinishReason, GenerationResult, Timings, TokenEvent, Usage
+from common.sampling import SamplingParams
+from gpu_worker.config import ModelConfig
+from gpu_worker.engine.block_manager import BlockManager
+from gpu_worker.engine.engine_config import EngineConfig
+from gpu_worker.engine.executor import Executor
+from gpu_worker.engine.model_runner import RunnerSpec, kv_bytes_per_block
+from gpu_worker.engine.plan import order_decodes_first, pack_step
+from gpu_worker.engine.sampler import Sampler
+from gpu_worker.engine.scheduler import Scheduler, SchedulerConfig
+from gpu_worker.engine.sequence import Priority, Sequence
+from gpu_worker.model_store import resolve_model
+from gpu_worker.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("tpqueue.engine")
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: a token event per sampled token, and the requests that finished."""
+
+    events: list[TokenEvent] = field(default_factory=list)
+    finished: list[GenerationResult] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer | None  # None once the text is final
+    holdback: int              # characters kept back while they might begin a stop string
+    text: str = ""
+    num_emitted_chars: int = 0
+
+
+class LLMEngine:
+    """Continuous batching over a tensor-parallel model; the driver of a worker group."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise InvalidConfigError("device='cuda' was asked for, but torch sees no CUDA device")
+        self.model_dir = resolve_model(config.model)
+        self.model_config = ModelConfig.from_model_dir(self.model_dir)
+        self.model_config.check_tp(config.tp)
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+        num_blocks = config.num_kv_blocks or int(config.kv_cache_gb * 2**30 // kv_bytes_per_block(
+            self.model_config, config.block_size, config.dtype, config.tp))
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings, num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   self.max_model_len), self.block_manager)
+        self.sampler = Sampler()
+        spec = RunnerSpec(str(self.model_dir), config.dtype, device, config.block_size, num_blocks)
+        self.executor = Executor(spec, config.tp, config.start_timeout_s)
+        self._requests: dict[str, _Request] = {}
+        log.info("engine ready: %s, tp=%d, %s on %s, %d KV blocks of %d, context %d",
+                 self.model_dir.name, config.tp, config.dtype, device, num_blocks, config.block_size,
+                 self.max_model_len)
+
+    # -- requests ------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                    priority: Priority = Priority.INTERACTIVE) -> None:
+        """Queue a tokenized prompt. Raises InvalidRequestError when it cannot be served."""
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        self.validate_prompt(prompt_token_ids)
+        seq = Sequence(request_id, list(prompt_token_ids), sampling, priority)
+        holdback = max((len(s) for s in sampling.stop), default=1) - 1
+        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer), holdback)
+        self.scheduler.add(seq)
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token of text")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens, but this engine's context is "
+                f"{self.max_model_len} tokens and must leave room for at least one generated token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> GenerationResult | None:
+        """Stop a request now; returns its partial result, or None if it is not here."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        return self._finish(request, reason)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # -- the step --------------------------------------------------------------
+    def step(self) -> StepOutput:
+        """Schedule, run one forward pass on every rank, sample, and report what happened."""
+        batch = self.scheduler.schedule()
+        output = StepOutput()
+        if not batch.seqs:
+            return output
+        seqs, num_new = order_decodes_first(batch.seqs, batch.num_new_tokens)
+        batch.seqs, batch.num_new_tokens = seqs, num_new
+        logits = self.executor.execute(pack_step(seqs, num_new, self.config.block_size))  # [seqs, vocab]
+        rows = self.scheduler.on_step_done(batch)
+        if rows:
+            sampled = [seqs[i] for i in rows]
+            tokens = self.sampler(logits if len(rows) == len(seqs) else logits[rows], sampled)
+            for seq, token in zip(sampled, tokens):
+                self._on_token(self._requests[seq.request_id], token, output)
+        return output
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    # -- postprocessing ----------------------------------------------------------
+    def _on_token(self, request: _Request, token: int, output: StepOutput) -> None:
+        seq = request.seq
+        seq.append_token(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        params = seq.sampling
+        reason = None
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = FinishReason.STOP
+        else:
+            request.text += request.detokenizer.push(token)
+            if params.stop and self._truncate_at_stop_string(request):
+                reason = FinishReason.STOP
+                request.detokenizer = None  # the text ends at the stop string: nothing left to flush
+        if reason is None and (seq.num_generated_tokens >= params.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is not None and request.detokenizer is not None:
+            request.text += request.detokenizer.flush()
+        visible_end = len(request.text) if reason else max(request.num_emitted_chars,
+                                                            len(request.text) - request.holdback)
+        delta = request.text[request.num_emitted_chars:visible_end]
+        request.num_emitted_chars = visible_end
+        output.events.append(TokenEvent(request_id=seq.request_id, index=seq.num_generated_tokens - 1,
+                                        token_id=token, text=delta, finish_reason=reason))
+        if reason is not None:
+            output.finished.append(self._finish(request, reason))
+
+    @staticmethod
+    def _truncate_at_stop_string(request: _Request) -> bool:
+        search_from = max(0, request.num_emitted_chars - request.holdback)
+        hits = [i for s in request.seq.sampling.stop if (i := request.text.find(s, search_from)) >= 0]
+        if not hits:
+            return False
+        request.text = request.text[:min(hits)]
+        return True
+
+    def _finish(self, request: _Request, reason: FinishReason) -> GenerationResult:
+        seq = request.seq
+        if not seq.is_finished:
+            self.scheduler.finish(seq, reason)
+        self.sampler.release(seq)
+        del self._requests[seq.request_id]
+        now = time.monotonic()
+        start = seq.first_scheduled_time or now
+        return GenerationResult(
+            request_id=seq.request_id,
+            text=request.text,
+            token_ids=seq.generated_token_ids,
+            finish_reason=reason,
+            usage=Usage(prompt_tokens=seq.num_prompt_tokens, cached_tokens=seq.num_cached_tokens,
+                        generated_tokens=seq.num_generated_tokens),
+            timings=Timings(queue_s=start - seq.arrival_time,
+                            time_to_first_token_s=(seq.first_token_time or now) - seq.arrival_time,
+                            total_s=now - seq.arrival_time),
+        )

@@ -1,0 +1,83 @@
+"""The per-step plan rank 0 sends to every rank: one packed int64 tensor, never a pickle.
+
+Layout: a 4-int header ``[command, seqs, tokens, max_blocks]`` and a payload
+``[input_ids (tokens) | query_lens (seqs) | context_lens (seqs) | block_tables (seqs * max_blocks)]``.
+Sequences that compute one token (decodes) come first. Positions and cache
+slots are derived from it on every rank, by the same code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+import torch.distributed as dist
+
+from gpu_worker.engine.sequence import Sequence
+
+HEADER_SIZE = 4
+
+
+class Command(IntEnum):
+    STEP = 1
+    SHUTDOWN = 2
+
+
+@dataclass
+class StepPlan:
+    header: torch.Tensor   # [HEADER_SIZE] int64
+    payload: torch.Tensor  # [...] int64
+
+    @property
+    def command(self) -> Command:
+        return Command(int(self.header[0]))
+
+
+def order_decodes_first(seqs: list[Sequence], num_new: list[int]) -> tuple[list[Sequence], list[int]]:
+    order = sorted(range(len(seqs)), key=lambda i: num_new[i] != 1)
+    return [seqs[i] for i in order], [num_new[i] for i in order]
+
+
+def pack_step(seqs: list[Sequence], num_new: list[int], block_size: int) -> StepPlan:
+    """Pack one step (decodes first, see :func:`order_decodes_first`) into a plan."""
+    input_ids: list[int] = []
+    context_lens: list[int] = []
+    for seq, n in zip(seqs, num_new):
+        start = seq.num_computed_tokens
+        input_ids.extend(seq.token_ids[start:start + n])
+        context_lens.append(start + n)
+    max_blocks = -(-max(context_lens) // block_size)
+    tables: list[int] = []
+    for seq in seqs:
+        row = seq.block_table[:max_blocks]
+        tables.extend(row)
+        tables.extend([0] * (max_blocks - len(row)))
+    flat = torch.tensor([Command.STEP, len(seqs), len(input_ids), max_blocks,
+                         *input_ids, *num_new, *context_lens, *tables], dtype=torch.int64)
+    return StepPlan(flat[:HEADER_SIZE], flat[HEADER_SIZE:])
+
+
+def shutdown_plan() -> StepPlan:
+    return StepPlan(torch.tensor([Command.SHUTDOWN, 0, 0, 0], dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+
+
+def payload_size(header: torch.Tensor) -> int:
+    _, num_seqs, num_tokens, max_blocks = header.tolist()
+    return num_tokens + 2 * num_seqs + num_seqs * max_blocks
+
+
+class PlanChannel:
+    """Broadcasts plans from rank 0 to the other ranks (two small collectives per step)."""
+
+    def send(self, plan: StepPlan) -> None:
+        dist.broadcast(plan.header, src=0)
+        if plan.payload.numel():
+            dist.broadcast(plan.payload, src=0)
+
+    def recv(self) -> StepPlan:
+        header = torch.empty(HEADER_SIZE, dtype=torch.int64)
+        dist.broadcast(header, src=0)
+        payload = torch.empty(payload_size(header), dtype=torch.int64)
+        if payload.numel():
+            dist.broadcast(payload, src=0)
+        return StepPlan(header, payload)

@@ -1,0 +1,139 @@
+"""Megatron-style tensor-parallel linear layers.
+
+Column-parallel layers split their output features across ranks and need no
+communication; row-parallel layers split their input features and hold the
+only all-reduce, inside ``forward``. Each parameter loads its own slice
+straight out of the checkpoint (``weight_loader``), so no rank ever holds a
+full copy. A split that is not even (e.g. an intermediate size of 1536 over
+9 ranks) is padded with zero rows/columns, which changes no result.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpu_worker.distributed import all_reduce, divide, get_parallel_context
+from gpu_worker.layers import gemm
+from gpu_worker.layers.weights import CheckpointSlice, copy_shard
+
+
+def padded_shard_size(size: int, world_size: int) -> int:
+    """Per-rank size of a dimension split over ``world_size`` ranks, rounded up."""
+    return -(-size // world_size)
+
+
+class LinearBase(nn.Module):
+    """A linear layer whose weight [out_local, in_local] is this rank's slice."""
+
+    def __init__(self, in_local: int, out_local: int, bias: bool):
+        super().__init__()
+        ctx = get_parallel_context()
+        self.rank, self.world_size = ctx.rank, ctx.world_size
+        self.weight = nn.Parameter(torch.zeros(out_local, in_local), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_local), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+        self._packed: torch.Tensor | None = None
+
+    def weight_loader(self, param: nn.Parameter, loaded: CheckpointSlice, shard_id=None) -> None:
+        raise NotImplementedError
+
+    def prepare_for_inference(self) -> None:
+        """Swap the plain weight for a faster packed layout where the backend has one."""
+        if gemm.can_prepack(self.weight):
+            self._packed = gemm.prepack(self.weight.data)
+            self.weight = None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return gemm.linear(x, self.weight, self._packed, bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """y_local = x @ W_local.T: output features split across ranks, no communication."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        world_size = get_parallel_context().world_size
+        self.output_size_local = padded_shard_size(output_size, world_size)
+        super().__init__(input_size, self.output_size_local, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        start = self.rank * self.output_size_local
+        copy_shard(param.data, loaded, dim=0, start=start)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)  # [tokens, out_local]
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input fused into one (e.g. gate and up)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+        world_size = get_parallel_context().world_size
+        self.part_sizes_local = [padded_shard_size(s, world_size) for s in output_sizes]
+        super().__init__(input_size, sum(self.part_sizes_local) * world_size, bias)
+
+    def weight_loader(self, param, loaded, shard_id: int):
+        size = self.part_sizes_local[shard_id]
+        offset = sum(self.part_sizes_local[:shard_id])
+        copy_shard(param.data.narrow(0, offset, size), loaded, dim=0, start=self.rank * size)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """The fused q, k and v projections, split by attention heads.
+
+    With fewer KV heads than ranks, each KV head is replicated on
+    ``world_size / num_kv_heads`` ranks.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False):
+        ctx = get_parallel_context()
+        self.head_dim = head_dim
+        self.num_heads_local = divide(num_heads, ctx.world_size)
+        if num_kv_heads >= ctx.world_size:
+            self.num_kv_heads_local = divide(num_kv_heads, ctx.world_size)
+            self.kv_head_start = ctx.rank * self.num_kv_heads_local
+        else:
+            self.num_kv_heads_local = 1
+            self.kv_head_start = ctx.rank // divide(ctx.world_size, num_kv_heads)
+        output_size = (self.num_heads_local + 2 * self.num_kv_heads_local) * head_dim * ctx.world_size
+        super().__init__(hidden_size, output_size, bias)
+
+    @property
+    def q_size_local(self) -> int:
+        return self.num_heads_local * self.head_dim
+
+    @property
+    def kv_size_local(self) -> int:
+        return self.num_kv_heads_local * self.head_dim
+
+    def weight_loader(self, param, loaded, shard_id: str):
+        if shard_id == "q":
+            offset, size, start = 0, self.q_size_local, self.rank * self.q_size_local
+        else:
+            offset = self.q_size_local + (self.kv_size_local if shard_id == "v" else 0)
+            size, start = self.kv_size_local, self.kv_head_start * self.head_dim
+        copy_shard(param.data.narrow(0, offset, size), loaded, dim=0, start=start)
+
+
+class RowParallelLinear(LinearBase):
+    """y = all_reduce(x_local @ W_local.T) + b: input features split, the layer's one all-reduce."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        world_size = get_parallel_context().world_size
+        self.input_size_local = padded_shard_size(input_size, world_size)
+        super().__init__(self.input_size_local, output_size, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        if param is self.bias:  # the bias is added once, after the reduction
+            copy_shard(param.data, loaded, dim=0, start=0)
+        else:
+            copy_shard(param.data, loaded, dim=1, start=self.rank * self.input_size_local)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [tokens, in_local] -> y: [tokens, out]
+        y = self.matmul(x, self.bias if self.rank == 0 else None)
+        return all_reduce(y)
