@@ -1,0 +1,291 @@
+"""Every Redis key, pub/sub channel and rq queue name tpqueue uses.
+
+Each entity has one prefix and one small function that builds its name;
+nothing else in tpqueue formats a key. Inputs are validated here, so a bad
+job id or group name fails with a clear :class:`InvalidRequestError` instead
+of writing a surprising key.
+
+=====================  ===============================  ==========================================
+function               name                             Redis type / use
+=====================  ===============================  ==========================================
+shard_queue_name(s)    ``gen.<s>``                      rq queue of shard ``s`` (rq stores it at
+                                                        ``rq:queue:gen.<s>``)
+BATCH_QUEUE            ``batch``                        rq queue of session-less offline jobs
+rq_queue_key(q)        ``rq:queue:<q>``                 rq's list of queued job ids (LLEN = depth)
+rq_job_key(j)          ``rq:job:<j>``                   rq's job hash
+rq_result_key(j)       ``rq:results:<j>``               rq's result stream (XREAD to wait)
+token_channel(j)       ``tpq:tokens:<j>``               pub/sub channel of job ``j``'s tokens
+token_log(j)           ``tpq:log:<j>``                  stream: capped durable token log (resume)
+cancel_flag(j)         ``tpq:cancel:<j>``               string with TTL: cancel request of job ``j``
+batch_info(b)          ``tpq:batch:<b>``                hash: metadata of a submitted batch
+batch_jobs(b)          ``tpq:batchjobs:<b>``            list: job ids of batch ``b`` in order
+heartbeat(g, r)        ``tpq:hb:<g>:<r>``               string (JSON) with TTL: rank ``r`` of group
+                                                        ``g`` is alive
+group_info(g)          ``tpq:group:<g>``                hash: a worker group's static facts
+groups_set()           ``tpq:groups``                   set: names of registered worker groups
+shard_map()            ``tpq:shardmap``                 hash: shard -> owning group
+shard_map_epoch()      ``tpq:shardepoch``               string (INCR): epoch fencing the shard map
+supervisor_lock()      ``tpq:lock:supervisor``          string (SET NX PX): one active supervisor
+=====================  ===============================  ==========================================
+
+``<s>`` is a shard number in ``[0, num_shards)``; ``<j>`` a job id (see
+:func:`validate_job_id`); ``<g>`` a group name (see
+:func:`validate_group_name`); ``<r>`` a rank; ``<b>`` a batch id (same rules
+as job ids). The ``rq:`` names are rq's own (rq 2.12); they are spelled here
+once so that pipelines and Lua scripts need not guess them, and a test checks
+them against rq.
+
+Sessions map to shards with :func:`shard_for_session`: the first 8 bytes of
+BLAKE2b (digest size 8) of the UTF-8 session id, as a big-endian unsigned
+integer, modulo the number of shards. It is stable across processes,
+machines and Python versions (unlike ``hash()``).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+from common.errors import InvalidRequestError
+
+KEY_PREFIX = "tpq:"
+SHARD_QUEUE_PREFIX = "gen."
+BATCH_QUEUE = "batch"
+
+RQ_QUEUE_PREFIX = "rq:queue:"
+RQ_JOB_PREFIX = "rq:job:"
+RQ_RESULT_PREFIX = "rq:results:"
+
+TOKEN_CHANNEL_PREFIX = "tpq:tokens:"
+TOKEN_LOG_PREFIX = "tpq:log:"
+CANCEL_FLAG_PREFIX = "tpq:cancel:"
+BATCH_INFO_PREFIX = "tpq:batch:"
+BATCH_JOBS_PREFIX = "tpq:batchjobs:"
+HEARTBEAT_PREFIX = "tpq:hb:"
+GROUP_INFO_PREFIX = "tpq:group:"
+GROUPS_SET = "tpq:groups"
+SHARD_MAP = "tpq:shardmap"
+SHARD_MAP_EPOCH = "tpq:shardepoch"
+SUPERVISOR_LOCK = "tpq:lock:supervisor"
+
+MAX_NUM_SHARDS = 4096
+MAX_JOB_ID_CHARS = 128
+MAX_SESSION_ID_CHARS = 1024
+MAX_GROUP_NAME_CHARS = 64
+MAX_RANK = 4095
+
+# rq 2.12 accepts only [A-Za-z0-9_-] in job ids (rq.job.JOB_ID_PATTERN) and
+# splits execution ids on ':', so tpqueue ids use that same alphabet.
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+_GROUP_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return ``job_id`` if it is a usable job id, else raise :class:`InvalidRequestError`.
+
+    A job id is 1 to 128 characters from ``[A-Za-z0-9_-]`` (the alphabet rq
+    accepts; no ``:`` or ``.``, which rq and key patterns give meaning to).
+    """
+    _check_name("job id", job_id, _JOB_ID_RE, MAX_JOB_ID_CHARS, "letters, digits, '_' and '-'")
+    return job_id
+
+
+def validate_batch_id(batch_id: str) -> str:
+    """Return ``batch_id`` if usable (same rules as :func:`validate_job_id`), else raise."""
+    _check_name("batch id", batch_id, _JOB_ID_RE, MAX_JOB_ID_CHARS, "letters, digits, '_' and '-'")
+    return batch_id
+
+
+def validate_group_name(group: str) -> str:
+    """Return ``group`` if it is a usable worker-group name, else raise :class:`InvalidRequestError`.
+
+    A group name is 1 to 64 characters from ``[A-Za-z0-9_.-]`` (no ``:``,
+    which separates it from the rank in heartbeat keys, and no glob characters).
+    """
+    _check_name("group name", group, _GROUP_NAME_RE, MAX_GROUP_NAME_CHARS, "letters, digits, '_', '.' and '-'")
+    return group
+
+
+def validate_session_id(session_id: str) -> str:
+    """Return ``session_id`` if usable, else raise :class:`InvalidRequestError`.
+
+    A session id is any non-empty string of at most 1024 characters; it is
+    only hashed, never written into a key, so any characters are fine.
+    """
+    if not isinstance(session_id, str):
+        raise InvalidRequestError(f"session id must be a string, got {type(session_id).__name__}")
+    if not session_id:
+        raise InvalidRequestError("session id must be non-empty (leave it out for a session-less job)")
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequestError(
+            f"session id is {len(session_id)} characters; at most {MAX_SESSION_ID_CHARS} are allowed"
+        )
+    return session_id
+
+
+def validate_num_shards(num_shards: int) -> int:
+    """Return ``num_shards`` if it is an int in ``[1, 4096]``, else raise :class:`InvalidRequestError`."""
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int):
+        raise InvalidRequestError(f"num_shards must be an int, got {type(num_shards).__name__}")
+    if not 1 <= num_shards <= MAX_NUM_SHARDS:
+        raise InvalidRequestError(f"num_shards must be in [1, {MAX_NUM_SHARDS}], got {num_shards}")
+    return num_shards
+
+
+def _check_name(what: str, value: str, pattern: re.Pattern[str], max_chars: int, alphabet: str) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidRequestError(f"{what} must be non-empty")
+    if len(value) > max_chars:
+        raise InvalidRequestError(f"{what} is {len(value)} characters; at most {max_chars} are allowed")
+    if not pattern.fullmatch(value):
+        bad = sorted({c for c in value if not pattern.fullmatch(c)})
+        raise InvalidRequestError(
+            f"{what} {value!r} contains {''.join(bad)!r}; use only {alphabet}"
+        )
+
+
+def _check_shard(shard: int) -> int:
+    if isinstance(shard, bool) or not isinstance(shard, int):
+        raise InvalidRequestError(f"shard must be an int, got {type(shard).__name__}")
+    if not 0 <= shard < MAX_NUM_SHARDS:
+        raise InvalidRequestError(f"shard must be in [0, {MAX_NUM_SHARDS}), got {shard}")
+    return shard
+
+
+def _check_rank(rank: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise InvalidRequestError(f"rank must be an int, got {type(rank).__name__}")
+    if not 0 <= rank <= MAX_RANK:
+        raise InvalidRequestError(f"rank must be in [0, {MAX_RANK}], got {rank}")
+    return rank
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def shard_for_session(session_id: str, num_shards: int) -> int:
+    """The shard in ``[0, num_shards)`` that ``session_id`` always maps to.
+
+    ``int.from_bytes(blake2b(session_id.encode("utf-8"), digest_size=8).digest(), "big") % num_shards``.
+    """
+    validate_session_id(session_id)
+    validate_num_shards(num_shards)
+    digest = hashlib.blake2b(session_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % num_shards
+
+
+# ---------------------------------------------------------------- rq queues
+
+
+def shard_queue_name(shard: int) -> str:
+    """The rq queue name of ``shard``: ``gen.<shard>``."""
+    return f"{SHARD_QUEUE_PREFIX}{_check_shard(shard)}"
+
+
+def shard_queue_names(num_shards: int) -> list[str]:
+    """The rq queue names of shards ``0 .. num_shards - 1``, in shard order."""
+    return [shard_queue_name(s) for s in range(validate_num_shards(num_shards))]
+
+
+def shard_of_queue_name(queue_name: str) -> int:
+    """The shard number in a ``gen.<shard>`` queue name; :class:`InvalidRequestError` otherwise."""
+    digits = queue_name[len(SHARD_QUEUE_PREFIX):] if queue_name.startswith(SHARD_QUEUE_PREFIX) else ""
+    if not digits.isascii() or not digits.isdigit() or str(int(digits)) != digits:
+        raise InvalidRequestError(f"{queue_name!r} is not a shard queue name (expected 'gen.<shard>')")
+    return _check_shard(int(digits))
+
+
+def rq_queue_key(queue_name: str) -> str:
+    """rq's Redis list of a queue's job ids: ``rq:queue:<queue_name>`` (its LLEN is the depth)."""
+    return f"{RQ_QUEUE_PREFIX}{queue_name}"
+
+
+def rq_job_key(job_id: str) -> str:
+    """rq's Redis hash of a job: ``rq:job:<job_id>``."""
+    return f"{RQ_JOB_PREFIX}{validate_job_id(job_id)}"
+
+
+def rq_result_key(job_id: str) -> str:
+    """rq's Redis stream of a job's results: ``rq:results:<job_id>``."""
+    return f"{RQ_RESULT_PREFIX}{validate_job_id(job_id)}"
+
+
+# ---------------------------------------------------------------- per job
+
+
+def token_channel(job_id: str) -> str:
+    """Pub/sub channel of a job's token events: ``tpq:tokens:<job_id>``."""
+    return f"{TOKEN_CHANNEL_PREFIX}{validate_job_id(job_id)}"
+
+
+def token_log(job_id: str) -> str:
+    """Stream holding a job's token events durably (replay, resume): ``tpq:log:<job_id>``."""
+    return f"{TOKEN_LOG_PREFIX}{validate_job_id(job_id)}"
+
+
+def cancel_flag(job_id: str) -> str:
+    """String key set when a client cancels a job: ``tpq:cancel:<job_id>``."""
+    return f"{CANCEL_FLAG_PREFIX}{validate_job_id(job_id)}"
+
+
+def batch_info(batch_id: str) -> str:
+    """Hash with the metadata of a submitted batch: ``tpq:batch:<batch_id>``."""
+    return f"{BATCH_INFO_PREFIX}{validate_batch_id(batch_id)}"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """List of the job ids of a batch, in submission order: ``tpq:batchjobs:<batch_id>``."""
+    return f"{BATCH_JOBS_PREFIX}{validate_batch_id(batch_id)}"
+
+
+# ---------------------------------------------------------------- worker groups
+
+
+def heartbeat(group: str, rank: int) -> str:
+    """String key (JSON, with TTL) of one rank's heartbeat: ``tpq:hb:<group>:<rank>``."""
+    return f"{HEARTBEAT_PREFIX}{validate_group_name(group)}:{_check_rank(rank)}"
+
+
+def heartbeat_pattern(group: str | None = None) -> str:
+    """SCAN MATCH pattern of heartbeat keys: of all groups, or of one group's ranks."""
+    if group is None:
+        return f"{HEARTBEAT_PREFIX}*"
+    return f"{HEARTBEAT_PREFIX}{validate_group_name(group)}:*"
+
+
+def parse_heartbeat_key(key: str | bytes) -> tuple[str, int]:
+    """``(group, rank)`` of a key made by :func:`heartbeat`; :class:`InvalidRequestError` otherwise."""
+    text = key.decode() if isinstance(key, bytes) else key
+    group, sep, rank = text[len(HEARTBEAT_PREFIX):].rpartition(":")
+    if not text.startswith(HEARTBEAT_PREFIX) or not sep or not rank.isascii() or not rank.isdigit():
+        raise InvalidRequestError(f"{text!r} is not a heartbeat key (expected 'tpq:hb:<group>:<rank>')")
+    return validate_group_name(group), _check_rank(int(rank))
+
+
+def group_info(group: str) -> str:
+    """Hash of a worker group's facts (tp size, model, host, started_at): ``tpq:group:<group>``."""
+    return f"{GROUP_INFO_PREFIX}{validate_group_name(group)}"
+
+
+def groups_set() -> str:
+    """Set of the names of registered worker groups: ``tpq:groups``."""
+    return GROUPS_SET
+
+
+def shard_map() -> str:
+    """Hash from shard number to owning group name: ``tpq:shardmap``."""
+    return SHARD_MAP
+
+
+def shard_map_epoch() -> str:
+    """Integer incremented on every shard-map change; fences stale owners: ``tpq:shardepoch``."""
+    return SHARD_MAP_EPOCH
+
+
+def supervisor_lock() -> str:
+    """Lock key (SET NX PX) held by the one active supervisor: ``tpq:lock:supervisor``."""
+    return SUPERVISOR_LOCK
