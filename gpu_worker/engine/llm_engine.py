@@ -35,6 +35,15 @@ class StepOutput:
 
 
 @dataclass
+class EngineStats:
+    """Running totals since the engine started."""
+
+    steps: int = 0
+    computed_tokens: int = 0     # tokens run through the model (prefill chunks and decodes)
+    generated_tokens: int = 0    # tokens sampled
+
+
+@dataclass
 class _Request:
     seq: Sequence
     detokenizer: IncrementalDetokenizer | None  # None once the text is final
@@ -67,6 +76,7 @@ class LLMEngine:
         spec = RunnerSpec(str(self.model_dir), config.dtype, device, config.block_size, num_blocks)
         self.executor = Executor(spec, config.tp, config.start_timeout_s)
         self._requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
         log.info("engine ready: %s, tp=%d, %s on %s, %d KV blocks of %d, context %d",
                  self.model_dir.name, config.tp, config.dtype, device, num_blocks, config.block_size,
                  self.max_model_len)
@@ -80,7 +90,7 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids)
         seq = Sequence(request_id, list(prompt_token_ids), sampling, priority)
         holdback = max((len(s) for s in sampling.stop), default=1) - 1
-        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer), holdback)
+        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids), holdback)
         self.scheduler.add(seq)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
@@ -124,6 +134,9 @@ class LLMEngine:
         batch.seqs, batch.num_new_tokens = seqs, num_new
         logits = self.executor.execute(pack_step(seqs, num_new, self.config.block_size))  # [seqs, vocab]
         rows = self.scheduler.on_step_done(batch)
+        self.stats.steps += 1
+        self.stats.computed_tokens += sum(num_new)
+        self.stats.generated_tokens += len(rows)
         if rows:
             sampled = [seqs[i] for i in rows]
             tokens = self.sampler(logits if len(rows) == len(seqs) else logits[rows], sampled)

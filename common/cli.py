@@ -1,0 +1,40 @@
+"""``tpq``: one command, many subcommands, each living beside the code it drives.
+
+A subcommand's module is imported only when it runs, so client commands
+never import torch.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# subcommand -> (module with a ``main(argv) -> int``, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "model": ("gpu_worker.cli.model", "fetch and locate model weights (tpq model fetch)"),
+    "local": ("gpu_worker.cli.local", "generate with an in-process engine, no Redis (streams to the terminal)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: tpq <command> [options]   (tpq <command> --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"tpq: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

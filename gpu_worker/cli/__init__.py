@@ -1,0 +1,1 @@
+"""Worker-side ``tpq`` subcommands (see common/cli.py)."""
