@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BATCH1 = dict(prompt_len=32, new_tokens=64)
+BATCH1 = dict(prompt_len=32, new_tokens=64, repeats=3)  # median of distinct prompts
 CONCURRENT = dict(num_prompts=32, new_tokens=128)
 PREFILL_LEN = 512
 MODEL = "smollm2-135m-instruct"
@@ -41,8 +41,8 @@ def run_transformers(dtype_name: str) -> dict:
     model_dir, dtype = resolve_model(MODEL), hf.DTYPES[dtype_name]
     vocab = 49152
     return {
-        "batch1": hf.decode_tok_per_s(model_dir, dtype, prompt_ids=hf.random_prompts(vocab, [BATCH1["prompt_len"]])[0],
-                                      new_tokens=BATCH1["new_tokens"]),
+        "batch1": statistics.median(hf.decode_tok_per_s(model_dir, dtype, prompt_ids=p, new_tokens=BATCH1["new_tokens"])
+                                    for p in batch1_prompts(vocab)),
         "concurrent32": hf.batch_tok_per_s(model_dir, dtype, prompts=concurrent_prompts(vocab),
                                            new_tokens=CONCURRENT["new_tokens"]),
         "prefill512": hf.prefill_tok_per_s(model_dir, dtype, prompt_ids=prefill_prompts(vocab, 1)[0]),
@@ -65,14 +65,20 @@ def run_tpqueue(dtype_name: str, tp: int) -> dict:
             return time.perf_counter() - start
 
         timed(hf.random_prompts(vocab, [16], seed=99), 4)                       # warm-up
-        batch1 = hf.random_prompts(vocab, [BATCH1["prompt_len"]])[0]
-        out = {"batch1": BATCH1["new_tokens"] / timed([batch1], BATCH1["new_tokens"])}
+        out = {"batch1": BATCH1["new_tokens"] / statistics.median(
+            timed([p], BATCH1["new_tokens"]) for p in batch1_prompts(vocab))}
         prompts = concurrent_prompts(vocab)
         out["concurrent32"] = len(prompts) * CONCURRENT["new_tokens"] / timed(prompts, CONCURRENT["new_tokens"])
         # a fresh prompt per repeat, so the prefix cache cannot help; max_tokens=1: prefill + one sample
         seconds = [timed([p], 1) for p in prefill_prompts(vocab, 3)]
         out["prefill512"] = PREFILL_LEN / statistics.median(seconds)
     return out
+
+
+def batch1_prompts(vocab: int) -> list[list[int]]:
+    from bench import hf_baseline as hf
+
+    return hf.random_prompts(vocab, [BATCH1["prompt_len"]] * BATCH1["repeats"], seed=3)
 
 
 def concurrent_prompts(vocab: int) -> list[list[int]]:

@@ -42,17 +42,16 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__(vocab_size, hidden_size)
-        self._packed: torch.Tensor | None = None
+        self.kernel: gemm.LinearKernel | None = None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
     def prepare_for_inference(self) -> None:
-        if gemm.can_prepack(self.weight):
-            self._packed = gemm.prepack(self.weight.data)
+        self.kernel = gemm.LinearKernel(self.weight.data)  # keeps the weight: a tied embedding reads it
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         # hidden: [seqs, hidden] -> logits [seqs, vocab] on rank 0, None elsewhere
-        logits_local = gemm.linear(hidden, self.weight, self._packed, None)  # [seqs, vocab_local]
+        logits_local = self.kernel(hidden, None)                             # [seqs, vocab_local]
         logits = gather_to_driver(logits_local)
         return None if logits is None else logits[:, :self.vocab_size]

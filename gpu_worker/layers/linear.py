@@ -36,19 +36,20 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
-        self._packed: torch.Tensor | None = None
+        self.kernel: gemm.LinearKernel | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: CheckpointSlice, shard_id=None) -> None:
         raise NotImplementedError
 
     def prepare_for_inference(self) -> None:
-        """Swap the plain weight for a faster packed layout where the backend has one."""
-        if gemm.can_prepack(self.weight):
-            self._packed = gemm.prepack(self.weight.data)
+        """Pick the matmul path once the weights are loaded; drop the plain weight if it is unused."""
+        self.kernel = gemm.LinearKernel(self.weight.data)
+        if not self.kernel.needs_plain_weight:
+            self.kernel.weight = None
             self.weight = None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return gemm.linear(x, self.weight, self._packed, bias)
+        return self.kernel(x, bias)  # set by prepare_for_inference() after loading
 
 
 class ColumnParallelLinear(LinearBase):

@@ -191,3 +191,14 @@ def test_smollm2_shaped_config_lists_1_3_9():
                                     "num_attention_heads": 9, "num_key_value_heads": 3})
     with pytest.raises(InvalidConfigError, match=r"tp=2 .* valid tp values: 1, 3, 9"):
         config.check_tp(2)
+
+
+def test_bfloat16_engine_agrees_with_float32_on_first_tokens(tiny_llama_dir, reference):
+    """bf16 runs both GEMM paths (one-token decodes, multi-token prefills); argmax survives the rounding."""
+    prompts = [as_token_prompt(p) for p in random_prompts(6, [9, 17, 30], seed=8)]
+    sampling = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    expected = [r.token_ids[0] for r in reference.generate(prompts, sampling)]
+    with Engine(str(tiny_llama_dir), dtype="bfloat16", block_size=BLOCK) as bf16:
+        results = bf16.generate(prompts, sampling)
+    assert [r.token_ids[0] for r in results] == expected
+    assert all(len(r.token_ids) == 4 for r in results)
