@@ -100,11 +100,8 @@ class Engine:
     def _as_prompt_list(prompts) -> list[Prompt]:
         if isinstance(prompts, (str, Mapping)):
             return [prompts]
-        if isinstance(prompts, SequenceABC) and prompts and isinstance(prompts[0], (ChatMessage, Mapping)) \
-                and not (isinstance(prompts[0], Mapping) and "prompt_token_ids" in prompts[0]):
-            return [prompts]  # one chat
         if isinstance(prompts, SequenceABC) and prompts:
-            return list(prompts)
+            return [prompts] if _is_chat_message(prompts[0]) else list(prompts)
         raise InvalidRequestError("prompts must be a string, a chat (list of messages), "
                                   "{'prompt_token_ids': [...]}, or a non-empty list of those")
 
@@ -134,3 +131,7 @@ class Engine:
             return self.tokenizer.encode_chat(list(prompt))
         raise InvalidRequestError(f"cannot read a prompt from {type(prompt).__name__}; "
                                   "give a string, a chat, or {'prompt_token_ids': [...]}")
+
+
+def _is_chat_message(item) -> bool:
+    return isinstance(item, ChatMessage) or (isinstance(item, Mapping) and "role" in item)
