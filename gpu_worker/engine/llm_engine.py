@@ -83,15 +83,38 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    priority: Priority = Priority.INTERACTIVE) -> None:
-        """Queue a tokenized prompt. Raises InvalidRequestError when it cannot be served."""
+                    priority: Priority = Priority.INTERACTIVE, resume_token_ids: list[int] = ()) -> None:
+        """Queue a tokenized prompt. Raises InvalidRequestError when it cannot be served.
+
+        ``resume_token_ids`` are tokens this request already generated (and
+        streamed) before an earlier run of it died: they are prefilled with
+        the prompt, count as generated, and the events continue at index
+        ``len(resume_token_ids)``, with text deltas that continue the text
+        already sent. Greedy requests resume exactly; a seeded sampled one
+        continues validly but restarts its random stream.
+        """
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         self.validate_prompt(prompt_token_ids)
+        self._validate_resume(prompt_token_ids, resume_token_ids, sampling)
         seq = Sequence(request_id, list(prompt_token_ids), sampling, priority)
         holdback = max((len(s) for s in sampling.stop), default=1) - 1
-        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids), holdback)
+        request = _Request(seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids), holdback)
+        for token in resume_token_ids:
+            seq.append_token(token)
+            if token not in self.eos_token_ids and token not in sampling.stop_token_ids:
+                request.text += request.detokenizer.push(token)
+        request.num_emitted_chars = max(0, len(request.text) - holdback)  # what the earlier run streamed
+        self._requests[request_id] = request
         self.scheduler.add(seq)
+
+    def _validate_resume(self, prompt_token_ids, resume_token_ids, sampling: SamplingParams) -> None:
+        if not resume_token_ids:
+            return
+        if len(resume_token_ids) >= sampling.max_tokens:
+            raise InvalidRequestError(f"cannot resume after {len(resume_token_ids)} tokens: "
+                                      f"max_tokens is {sampling.max_tokens}, so the request already finished")
+        self.validate_prompt(list(prompt_token_ids) + list(resume_token_ids))
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:

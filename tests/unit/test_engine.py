@@ -202,3 +202,28 @@ def test_bfloat16_engine_agrees_with_float32_on_first_tokens(tiny_llama_dir, ref
         results = bf16.generate(prompts, sampling)
     assert [r.token_ids[0] for r in results] == expected
     assert all(len(r.token_ids) == 4 for r in results)
+
+
+def test_resume_continues_at_the_next_index_without_gap_or_duplicate(engine):
+    """A requeued request re-prefills prompt + streamed tokens and continues where the stream stopped."""
+    prompt = engine.tokenizer.encode("Resume me, please: the story continues")
+    sampling = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=("zzzz",))
+    first_run = list(engine.stream(as_token_prompt(prompt), sampling))
+    sent_before_crash = first_run[:8]
+    llm, events, finished = engine.llm, [], []
+    llm.add_request("resumed", prompt, sampling, resume_token_ids=[e.token_id for e in sent_before_crash])
+    while llm.has_unfinished():
+        output = llm.step()
+        events += output.events
+        finished += output.finished
+    [result] = finished
+    assert [e.index for e in events] == list(range(8, 20))
+    assert result.token_ids == [e.token_id for e in first_run]
+    full_text = "".join(e.text for e in first_run)
+    assert "".join(e.text for e in sent_before_crash) + "".join(e.text for e in events) == full_text
+    assert result.text == full_text
+
+
+def test_resume_of_a_finished_request_is_refused(engine):
+    with pytest.raises(InvalidRequestError, match="already finished"):
+        engine.llm.add_request("done", [5, 6, 7], SamplingParams(max_tokens=3), resume_token_ids=[8, 9, 10])
