@@ -22,3 +22,13 @@ class ModelNotFoundError(TpqError, FileNotFoundError):
 
 class WorkerGroupError(TpqError, RuntimeError):
     """A rank of a tensor-parallel worker group died, hung or failed to start."""
+
+
+class QueueFull(TpqError, RuntimeError):
+    """A queue holds ``max_queue_depth`` jobs or more: wait, retry later, or raise the limit."""
+
+    def __init__(self, message: str, *, queue_name: str = "", depth: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.queue_name = queue_name
+        self.depth = depth
+        self.limit = limit

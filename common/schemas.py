@@ -1,0 +1,131 @@
+"""The validated shape of one generation request, and the limits a deployment puts on it."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common import keys
+from common.errors import InvalidRequestError
+from common.results import ChatMessage
+from common.sampling import SamplingParams
+from common.settings import Settings
+
+Priority = Literal["interactive", "batch"]
+
+_FIELDS_AT: dict[str, tuple[str, ...]] = {}  # filled below: parent location -> accepted field names
+
+
+class GenerationRequest(BaseModel):
+    """One generation job: a prompt or a chat, sampling parameters and routing hints.
+
+    Exactly one of ``prompt`` (non-empty text) and ``messages`` (a non-empty
+    chat) is given. ``session_id`` pins the request to a shard (and so to one
+    worker group, whose prefix cache then holds the session's history).
+    ``priority`` defaults to ``"interactive"`` with a session and ``"batch"``
+    without. ``deadline_unix_s`` is a finite Unix time; the client checks that
+    it lies in the future at submit time (the schema does not, so that a
+    worker can still decode a request whose deadline has passed).
+    Build it with :func:`parse_request` to get :class:`InvalidRequestError`
+    rather than pydantic's ``ValidationError``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    request_id: str | None = None
+    prompt: str | None = Field(None, min_length=1)
+    messages: tuple[ChatMessage, ...] | None = Field(None, min_length=1)
+    session_id: str | None = None
+    sampling: SamplingParams = SamplingParams()
+    priority: Priority = "batch"
+    deadline_unix_s: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_priority(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("priority") is None:
+            priority = "interactive" if data.get("session_id") is not None else "batch"
+            data = {**data, "priority": priority}
+        return data
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id_is_usable(cls, request_id: str | None) -> str | None:
+        return None if request_id is None else keys.validate_job_id(request_id)
+
+    @field_validator("session_id")
+    @classmethod
+    def _session_id_is_usable(cls, session_id: str | None) -> str | None:
+        return None if session_id is None else keys.validate_session_id(session_id)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerationRequest:
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("give either prompt or messages, not both")
+        if self.prompt is None and self.messages is None:
+            raise ValueError("give a prompt (text) or messages (a chat); neither was given")
+        return self
+
+    @property
+    def input_chars(self) -> int:
+        """Characters of input: the prompt's, or the sum of the messages' contents."""
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(m.content) for m in self.messages or ())
+
+
+_FIELDS_AT.update({
+    "": tuple(GenerationRequest.model_fields),
+    "sampling": tuple(SamplingParams.model_fields),
+    "messages": tuple(ChatMessage.model_fields),
+})
+
+
+def parse_request(data: Any, *, what: str = "request") -> GenerationRequest:
+    """Validate ``data`` (a mapping or a :class:`GenerationRequest`) into a request.
+
+    Raises :class:`InvalidRequestError` whose message names every bad field
+    (``what`` prefixes it, e.g. ``"request 3"``) without echoing its value.
+    """
+    if isinstance(data, GenerationRequest):
+        return data
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"{what} must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return GenerationRequest.model_validate(data)
+    except ValidationError as e:
+        raise InvalidRequestError(f"invalid {what}: {describe_validation_error(e)}") from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """A one-line, value-free summary of a pydantic error: ``field: problem; field: problem``."""
+    problems = []
+    for err in error.errors(include_input=False, include_url=False, include_context=False):
+        loc = ".".join(str(part) for part in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = str(err["loc"][0]) if len(err["loc"]) > 1 else ""
+            accepted = _FIELDS_AT.get(parent)
+            msg = f"unknown field; accepted: {', '.join(accepted)}" if accepted else "unknown field"
+        problems.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(problems)
+
+
+def check_limits(request: GenerationRequest, settings: Settings) -> GenerationRequest:
+    """Return ``request`` if it fits the deployment's limits, else raise :class:`InvalidRequestError`.
+
+    Checks the input size against ``settings.max_prompt_chars`` and
+    ``sampling.max_tokens`` against ``settings.max_tokens_limit``.
+    """
+    chars = request.input_chars
+    if chars > settings.max_prompt_chars:
+        raise InvalidRequestError(
+            f"the {'prompt' if request.prompt is not None else 'messages'} total {chars} characters; "
+            f"at most {settings.max_prompt_chars} are allowed (TPQ_MAX_PROMPT_CHARS)"
+        )
+    if request.sampling.max_tokens > settings.max_tokens_limit:
+        raise InvalidRequestError(
+            f"max_tokens is {request.sampling.max_tokens}; at most {settings.max_tokens_limit} "
+            "are allowed (TPQ_MAX_TOKENS_LIMIT)"
+        )
+    return request
