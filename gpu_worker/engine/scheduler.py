@@ -23,10 +23,9 @@ from gpu_worker.engine.sequence import Priority, Sequence, SequenceStatus
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
 
     def __post_init__(self) -> None:
-        assert self.max_num_seqs > 0 and self.max_num_batched_tokens > 0 and self.max_model_len > 1
+        assert self.max_num_seqs > 0 and self.max_num_batched_tokens > 0
 
 
 @dataclass
@@ -79,7 +78,6 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        seq.finish_time = time.monotonic()
 
     # -- the step ------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:

@@ -8,7 +8,7 @@ from gpu_worker.engine.sequence import Priority, Sequence, SequenceStatus
 
 def make(num_blocks=64, block_size=4, max_seqs=8, budget=64):
     bm = BlockManager(num_blocks, block_size)
-    return Scheduler(SchedulerConfig(max_seqs, budget, num_blocks * block_size), bm)
+    return Scheduler(SchedulerConfig(max_seqs, budget), bm)
 
 
 def seq(n, rid, priority=Priority.INTERACTIVE, first=0):
