@@ -46,10 +46,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_device(device_type: str, rank: int) -> torch.device:
+    """The device rank ``rank`` runs on: ``cuda:<rank>`` (one GPU per rank) or the CPU."""
+    return torch.device(f"cuda:{rank}") if device_type == "cuda" else torch.device(device_type)
+
+
 def init_group(rank: int, world_size: int, init_method: str, device: torch.device,
                timeout_s: float = 60.0) -> None:
     """Join the group's process group (gloo on CPU, NCCL on CUDA) and record this rank."""
     set_parallel_context(ParallelContext(rank, world_size))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size == 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"

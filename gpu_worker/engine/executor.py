@@ -16,7 +16,7 @@ import time
 import torch
 
 from common.errors import WorkerGroupError
-from gpu_worker.distributed import destroy_group, free_port, init_group, threads_per_rank
+from gpu_worker.distributed import destroy_group, free_port, init_group, rank_device, threads_per_rank
 from gpu_worker.engine.model_runner import ModelRunner, RunnerSpec
 from gpu_worker.engine.plan import Command, PlanChannel, StepPlan, shutdown_plan
 
@@ -31,13 +31,13 @@ class Executor:
     def __init__(self, spec: RunnerSpec, world_size: int, start_timeout_s: float = 120.0):
         self.world_size = world_size
         self._children: list[mp.Process] = []
-        self._channel = PlanChannel() if world_size > 1 else None
+        self._channel = PlanChannel(rank_device(spec.device, 0)) if world_size > 1 else None
         self._closed = False
         torch.set_num_threads(threads_per_rank(world_size))
         init_method = f"tcp://127.0.0.1:{free_port()}"
         pipes = self._start_children(spec, init_method)
         try:
-            init_group(0, world_size, init_method, torch.device(spec.device), timeout_s=start_timeout_s)
+            init_group(0, world_size, init_method, rank_device(spec.device, 0), timeout_s=start_timeout_s)
             self.runner = ModelRunner(spec)
             self._wait_until_ready(pipes, start_timeout_s)
         except BaseException:
@@ -116,13 +116,13 @@ def run_rank(rank: int, world_size: int, init_method: str, spec: RunnerSpec, rea
     torch.set_num_threads(threads_per_rank(world_size))
     _exit_when_parent_dies(parent_pid)
     try:
-        init_group(rank, world_size, init_method, torch.device(spec.device))
+        init_group(rank, world_size, init_method, rank_device(spec.device, rank))
         runner = ModelRunner(spec)
     except Exception as exc:  # report any start failure to rank 0, which raises it
         ready_pipe.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     ready_pipe.send(("ready", None))
-    channel = PlanChannel()
+    channel = PlanChannel(rank_device(spec.device, rank))
     try:
         while (plan := channel.recv()).command is Command.STEP:
             runner.execute(plan)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from gpu_worker.config import ModelConfig
-from gpu_worker.distributed import get_parallel_context
+from gpu_worker.distributed import get_parallel_context, rank_device
 from gpu_worker.engine.plan import StepPlan
 from gpu_worker.layers.attention import AttentionMetadata, PrefillSpan
 from gpu_worker.loader import load_weights
@@ -50,7 +50,7 @@ class ModelRunner:
 
     def __init__(self, spec: RunnerSpec):
         self.spec = spec
-        self.device = torch.device(spec.device)
+        self.device = rank_device(spec.device, get_parallel_context().rank)
         self.dtype = DTYPES[spec.dtype]
         self.config = ModelConfig.from_model_dir(Path(spec.model_dir))
         with torch.device(self.device):

@@ -67,17 +67,23 @@ def payload_size(header: torch.Tensor) -> int:
 
 
 class PlanChannel:
-    """Broadcasts plans from rank 0 to the other ranks (two small collectives per step)."""
+    """Broadcasts plans from rank 0 to the other ranks (two small collectives per step).
+
+    On CUDA the plan travels as device tensors (NCCL moves no CPU tensors).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
 
     def send(self, plan: StepPlan) -> None:
-        dist.broadcast(plan.header, src=0)
+        dist.broadcast(plan.header.to(self.device), src=0)
         if plan.payload.numel():
-            dist.broadcast(plan.payload, src=0)
+            dist.broadcast(plan.payload.to(self.device), src=0)
 
     def recv(self) -> StepPlan:
-        header = torch.empty(HEADER_SIZE, dtype=torch.int64)
+        header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0)
-        payload = torch.empty(payload_size(header), dtype=torch.int64)
+        payload = torch.empty(payload_size(header), dtype=torch.int64, device=self.device)
         if payload.numel():
             dist.broadcast(payload, src=0)
         return StepPlan(header, payload)

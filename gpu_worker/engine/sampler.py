@@ -44,6 +44,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
         params: SamplingParams = seq.sampling
+        logits = logits.cpu()  # the per-request generators live on the CPU
         logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self._generator(seq)))
