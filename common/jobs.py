@@ -5,22 +5,40 @@ function name is :data:`GENERATE_FUNC` and whose only keyword argument is
 ``request``: the :class:`GenerationRequest` as JSON-safe data
 (``request.model_dump(mode="json")``), with ``request_id`` equal to the job
 id. Token events travel as compact JSON bytes of :class:`TokenEvent`.
+
+A job's stream is a sequence of messages: one :class:`TokenEvent` per
+generated token (``index`` 0, 1, 2, ...), then one :class:`StreamEnd`. The
+worker PUBLISHes each message on ``keys.token_channel(job_id)`` and appends
+it to the durable log ``keys.token_log(job_id)``, a Redis stream whose entry
+ids encode the position: token ``i`` is entry ``0-<i+1>`` and the end record
+of a job with ``n`` tokens is ``0-<n+1>`` (:func:`log_entry_id`). Explicit
+ids make the log free of duplicates by construction (Redis refuses an id
+that is not above the last one) and let a client resume with
+``XRANGE log 0-<next+1> +``. Each entry has one field, ``m``, holding the
+same bytes as the pub/sub message. The job's result is the rq job result:
+``JobResult.model_dump(mode="json")``.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from common import keys
 from common.errors import InvalidRequestError
-from common.results import TokenEvent
+from common.results import StreamEnd, TokenEvent
 from common.schemas import GenerationRequest, describe_validation_error, parse_request
 
 GENERATE_FUNC = "gpu_worker.jobs.generate"
 """The one job function a tpqueue worker runs (its allow-list)."""
 
 REQUEST_KWARG = "request"
+
+LOG_FIELD = "m"
+"""The one field of a token-log entry: the message bytes."""
+
+StreamMessage = TokenEvent | StreamEnd
+_STREAM_MESSAGE: TypeAdapter[TokenEvent | StreamEnd] = TypeAdapter(StreamMessage)
 
 
 def job_kwargs(request: GenerationRequest) -> dict[str, Any]:
@@ -65,3 +83,37 @@ def decode_token_event(data: bytes | str) -> TokenEvent:
         return TokenEvent.model_validate_json(data)
     except ValidationError as e:
         raise InvalidRequestError(f"malformed token event: {describe_validation_error(e)}") from None
+
+
+def encode_stream_message(message: TokenEvent | StreamEnd) -> bytes:
+    """A token event or end record as compact UTF-8 JSON bytes (``encode_token_event`` for both kinds)."""
+    return message.model_dump_json().encode("utf-8")
+
+
+def decode_stream_message(data: bytes | str) -> TokenEvent | StreamEnd:
+    """The :class:`TokenEvent` or :class:`StreamEnd` in ``data``, validated.
+
+    Raises :class:`InvalidRequestError` for anything that is neither.
+    """
+    if not isinstance(data, (bytes, str)):
+        raise InvalidRequestError(f"a stream message must be bytes or str, got {type(data).__name__}")
+    try:
+        return _STREAM_MESSAGE.validate_json(data)
+    except ValidationError as e:
+        raise InvalidRequestError(f"malformed stream message: {describe_validation_error(e)}") from None
+
+
+def log_entry_id(position: int) -> str:
+    """The token-log entry id of message ``position`` (token index, or token count for the end): ``0-<position+1>``."""
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+        raise InvalidRequestError(f"a stream position must be an int >= 0, got {position!r}")
+    return f"0-{position + 1}"
+
+
+def log_entry_position(entry_id: bytes | str) -> int:
+    """Inverse of :func:`log_entry_id`: ``0-5`` -> 4. :class:`InvalidRequestError` for other ids."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, sep, seq = text.partition("-")
+    if ms != "0" or not sep or not seq.isascii() or not seq.isdigit() or int(seq) < 1:
+        raise InvalidRequestError(f"{text!r} is not a tpqueue token-log entry id (expected '0-<n>', n >= 1)")
+    return int(seq) - 1

@@ -73,3 +73,28 @@ class GenerationResult(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+
+
+class StreamEnd(BaseModel):
+    """The last message of a job's token stream: no token follows it.
+
+    ``num_tokens`` is how many token events precede it (indices ``0 ..
+    num_tokens - 1``). A job that finished (any :class:`FinishReason`,
+    including ``cancelled`` and ``deadline``) has ``finish_reason`` set; a job
+    the worker failed has ``error`` set instead.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["end"] = "end"
+    request_id: str
+    num_tokens: int = Field(ge=0)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+class JobResult(GenerationResult):
+    """A finished job's result as stored by rq: the generation plus where it ran."""
+
+    group: str = Field(description="The worker group that finished the job.")
+    attempt: int = Field(1, ge=1, description="1 for a first run, more when it resumed after a failure.")
