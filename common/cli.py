@@ -13,6 +13,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("gpu_worker.cli.model", "fetch and locate model weights (tpq model fetch)"),
     "local": ("gpu_worker.cli.local", "generate with an in-process engine, no Redis (streams to the terminal)"),
+    "worker": ("gpu_worker.cli.worker", "run a tensor-parallel worker group against Redis (restarted when a rank dies)"),
+    "supervisor": ("router.cli", "run the recovery supervisor: shard map, dead and hung groups, rq cleanup"),
 }
 
 

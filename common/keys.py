@@ -26,6 +26,8 @@ groups_set()           ``tpq:groups``                   set: names of registered
 shard_map()            ``tpq:shardmap``                 hash: shard -> owning group
 shard_map_epoch()      ``tpq:shardepoch``               string (INCR): epoch fencing the shard map
 supervisor_lock()      ``tpq:lock:supervisor``          string (SET NX PX): one active supervisor
+claimed_jobs(g)        ``tpq:claimed:<g>``              list: job ids group ``g`` took off a queue
+                                                        and has not yet started (crash-safe dequeue)
 =====================  ===============================  ==========================================
 
 ``<s>`` is a shard number in ``[0, num_shards)``; ``<j>`` a job id (see
@@ -66,6 +68,7 @@ GROUPS_SET = "tpq:groups"
 SHARD_MAP = "tpq:shardmap"
 SHARD_MAP_EPOCH = "tpq:shardepoch"
 SUPERVISOR_LOCK = "tpq:lock:supervisor"
+CLAIMED_JOBS_PREFIX = "tpq:claimed:"
 
 MAX_NUM_SHARDS = 4096
 MAX_JOB_ID_CHARS = 128
@@ -289,3 +292,13 @@ def shard_map_epoch() -> str:
 def supervisor_lock() -> str:
     """Lock key (SET NX PX) held by the one active supervisor: ``tpq:lock:supervisor``."""
     return SUPERVISOR_LOCK
+
+
+def claimed_jobs(group: str) -> str:
+    """List of job ids a group moved off their queue and has not yet started: ``tpq:claimed:<group>``.
+
+    A job id moves from its queue into this list atomically (LMOVE), and
+    leaves it only once rq records the job as started; a group that dies in
+    between finds its ids here when it restarts and puts them back.
+    """
+    return f"{CLAIMED_JOBS_PREFIX}{validate_group_name(group)}"

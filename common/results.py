@@ -60,6 +60,7 @@ class TokenEvent(BaseModel):
     token_id: int = Field(ge=0)
     text: str
     finish_reason: FinishReason | None = None
+    sampled_at: float | None = Field(None, description="Unix time the token was sampled (set by the engine).")
 
 
 class GenerationResult(BaseModel):

@@ -13,6 +13,17 @@ A tpqueue worker uses both::
 
     disable_pickle()  # once, at worker start
     Worker(queues, connection=conn, serializer=JSONSerializer, job_class=AllowListedJob)
+
+:class:`BatchWorker` is rank 0's rq identity: rq's one-job-at-a-time
+``work()`` loop is replaced by a batch of jobs in flight at once, each
+started, kept alive and finished through rq's own bookkeeping so that
+``rq info`` and rq-dashboard tell the truth. The rq internals it relies on
+(rq 2.12; upstream is reworking them) are all here, each named where used:
+``BaseWorker.execution`` (a single slot, set before each ``handle_*`` call),
+``Job._result`` (read by ``handle_job_success``), ``Queue._enqueue_job`` is
+not used (``enqueue_job`` is public), and rq's Redis layout of a queue
+(``rq:queue:<name>``, a list of job ids, which the claim script moves ids
+out of) and of a job hash (the extra field ``tpq_attempts``).
 """
 from __future__ import annotations
 
@@ -23,10 +34,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
-from rq.job import Job
-from rq.serializers import DefaultSerializer
-from rq.utils import import_attribute
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.serializers import DefaultSerializer, JSONSerializer
+from rq.utils import import_attribute, now
+from rq.worker import BaseWorker, WorkerStatus
 
+from common import keys
 from common.errors import TpqError
 from common.jobs import GENERATE_FUNC
 
@@ -219,3 +234,198 @@ def pickle_disabled() -> Iterator[None]:
     finally:
         if not was_disabled:
             enable_pickle_for_tests()
+
+
+# ------------------------------------------------------------------ the batch worker
+
+# KEYS[1]: the group's claimed list; KEYS[2..]: rq queue keys, most urgent first. ARGV[1]: most ids to take.
+# Moves up to ARGV[1] job ids, front first, from the queues into the claimed list in one atomic step, so
+# an id is always in a queue, in the claimed list, or (once started) in rq's StartedJobRegistry.
+_CLAIM_SCRIPT = """
+local taken = {}
+local limit = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  while #taken < 2 * limit do
+    local id = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
+    if not id then break end
+    taken[#taken + 1] = KEYS[i]
+    taken[#taken + 1] = id
+  end
+  if #taken >= 2 * limit then break end
+end
+return taken
+"""
+
+ATTEMPTS_FIELD = "tpq_attempts"  # our field in rq's job hash: how many times a group started the job
+
+
+class Claimed:
+    """A job taken off its queue: readable (``job`` set) or not (``error`` says why)."""
+
+    __slots__ = ("job_id", "queue", "job", "error")
+
+    def __init__(self, job_id: str, queue: Queue, job: Job | None, error: str | None) -> None:
+        self.job_id, self.queue, self.job, self.error = job_id, queue, job, error
+
+
+class Started:
+    """A job rq knows as started by this worker: its queue, its execution and its attempt number."""
+
+    __slots__ = ("job", "queue", "execution", "attempt")
+
+    def __init__(self, job: Job, queue: Queue, execution: Execution, attempt: int) -> None:
+        self.job, self.queue, self.execution, self.attempt = job, queue, execution, attempt
+
+
+class BatchWorker(BaseWorker):
+    """An rq worker with many jobs in flight, driven by the caller (its ``work()`` is never used).
+
+    ``claim`` takes job ids off the queues into the group's claimed list,
+    ``start`` makes rq record a job as started by this worker, ``keep_alive``
+    refreshes every started job's registry entry (call it more often than
+    ``job_ttl_s``), and ``succeed`` / ``fail`` / ``requeue`` finish a job.
+    ``return_claimed`` puts back what a crashed earlier run of the group
+    claimed but never started. Not thread-safe: use it from one thread.
+    """
+
+    def __init__(self, connection: Any, group: str, incarnation: str, queue_names: list[str], job_ttl_s: int) -> None:
+        self.group = keys.validate_group_name(group)
+        self.job_ttl_s = max(1, int(job_ttl_s))
+        self.claimed_key = keys.claimed_jobs(group)
+        super().__init__(
+            [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names or [keys.BATCH_QUEUE]],
+            name=f"tpq-{group}-{incarnation}", connection=connection, serializer=JSONSerializer,
+            job_class=AllowListedJob, worker_ttl=max(10, 3 * self.job_ttl_s),
+        )
+        self._claim = connection.register_script(_CLAIM_SCRIPT)
+        self.started: dict[str, Started] = {}
+
+    # -- identity ------------------------------------------------------------
+    def execute_job(self, job: Job, queue: Queue) -> None:  # BaseWorker's abstract hook; work() is not used
+        raise NotImplementedError("BatchWorker runs jobs in batches through start()/succeed(), not execute_job()")
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        return self.job_ttl_s
+
+    def set_queues(self, queue_names: list[str]) -> None:
+        """Listen on ``queue_names`` from now on (rq's worker hash shows them)."""
+        if [q.name for q in self.queues] == queue_names:
+            return
+        self.queues = [Queue(name, connection=self.connection, serializer=JSONSerializer) for name in queue_names]
+        self._ordered_queues = self.queues[:]
+        self.connection.hset(self.key, "queues", ",".join(queue_names))
+
+    def register(self) -> None:
+        """Announce this worker to rq (``rq info`` lists it) as idle."""
+        self.register_birth()
+        self.set_state(WorkerStatus.IDLE)
+
+    def unregister(self) -> None:
+        self.register_death()
+
+    # -- taking jobs ---------------------------------------------------------
+    def claim(self, queue_names: list[str], limit: int) -> list[Claimed]:
+        """Move up to ``limit`` job ids off ``queue_names`` (in that order of urgency) and fetch their jobs."""
+        if limit <= 0 or not queue_names:
+            return []
+        flat = self._claim(keys=[self.claimed_key, *map(keys.rq_queue_key, queue_names)], args=[limit])
+        pairs = [(_text(flat[i])[len(keys.RQ_QUEUE_PREFIX):], _text(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return [self._fetch(job_id, queue_name) for queue_name, job_id in pairs]
+
+    def _fetch(self, job_id: str, queue_name: str) -> Claimed:
+        queue = Queue(queue_name, connection=self.connection, serializer=JSONSerializer)
+        try:
+            job = AllowListedJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+        except Exception as exc:  # noqa: BLE001 - a missing or unreadable job hash
+            return Claimed(job_id, queue, None, f"{type(exc).__name__}: {exc}")
+        return Claimed(job_id, queue, job, None)
+
+    def drop_claim(self, job_id: str) -> None:
+        """Forget a claimed id whose job hash is gone or unreadable (nothing rq could finish)."""
+        self.connection.lrem(self.claimed_key, 1, job_id)
+
+    def return_claimed(self) -> int:
+        """Put every id in the group's claimed list back at the front of its queue; how many."""
+        count = 0
+        while (raw := self.connection.lindex(self.claimed_key, -1)) is not None:
+            job_id = _text(raw)
+            origin = self.connection.hget(keys.rq_job_key(job_id), "origin") if _is_job_id(job_id) else None
+            with self.connection.pipeline(transaction=True) as pipe:
+                pipe.rpop(self.claimed_key)
+                if origin is not None:
+                    pipe.lpush(keys.rq_queue_key(_text(origin)), job_id)
+                pipe.execute()
+            count += origin is not None
+        return count
+
+    def start(self, job: Job, queue: Queue) -> Started:
+        """Record ``job`` as started by this worker (status STARTED, an Execution in its StartedJobRegistry)."""
+        execution = self.prepare_execution(job)  # rq: creates the Execution, sets self.execution
+        self.prepare_job_execution(job)  # rq: status STARTED, started_at, worker_name
+        with self.connection.pipeline(transaction=True) as pipe:
+            pipe.lrem(self.claimed_key, 1, job.id)
+            pipe.hincrby(job.key, ATTEMPTS_FIELD, 1)
+            _, attempt = pipe.execute()
+        self.execution = None
+        started = self.started[job.id] = Started(job, queue, execution, int(attempt))
+        return started
+
+    # -- keeping them alive --------------------------------------------------
+    def keep_alive(self) -> None:
+        """Refresh the worker's and every started job's rq heartbeat in one pipeline."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            self.heartbeat(self.worker_ttl, pipeline=pipe)
+            for started in self.started.values():
+                started.execution.heartbeat(started.job.started_job_registry, self.job_ttl_s, pipeline=pipe)
+            pipe.execute()
+        self.set_state(WorkerStatus.BUSY if self.started else WorkerStatus.IDLE)
+
+    # -- finishing them ------------------------------------------------------
+    def succeed(self, job_id: str, result: Any) -> None:
+        """Finish a started job with ``result`` (JSON-safe): FINISHED, result stored, registries updated."""
+        started = self.started.pop(job_id)
+        started.job._result = result  # rq private: handle_job_success stores job._result
+        started.job.ended_at = now()
+        self.execution = started.execution  # rq private: the single execution slot handle_* reads
+        self.handle_job_success(started.job, started.queue, started.job.started_job_registry)
+        self.execution = None
+
+    def fail(self, job: Job, queue: Queue, message: str, *, retry: bool) -> None:
+        """Fail ``job`` (started or only claimed) with ``message``; with ``retry``, rq's Retry may requeue it.
+
+        ``retry=False`` is for jobs that would fail again (a bad request, a
+        forbidden function): they end FAILED at once.
+        """
+        started = self.started.pop(job.id, None)
+        if not retry:
+            job.retries_left = 0
+        job.ended_at = now()
+        if job.started_at is None:
+            job.started_at = job.ended_at
+        self.execution = started.execution if started else None
+        self.handle_job_failure(job, queue, exc_string=message)
+        self.execution = None
+        self.connection.lrem(self.claimed_key, 1, job.id)
+
+    def requeue(self, job_id: str) -> None:
+        """Put a started job back at the front of its queue without using up a retry (a clean shutdown)."""
+        started = self.started.pop(job_id)
+        with self.connection.pipeline(transaction=True) as pipe:
+            self.execution = started.execution
+            self.cleanup_execution(started.job, pipeline=pipe)
+            started.job.set_status(JobStatus.QUEUED, pipeline=pipe)
+            started.queue.enqueue_job(started.job, pipeline=pipe, at_front=True)
+            pipe.execute()
+        self.execution = None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _is_job_id(value: str) -> bool:
+    try:
+        keys.validate_job_id(value)
+    except TpqError:
+        return False
+    return True

@@ -19,6 +19,7 @@ from common.errors import WorkerGroupError
 from gpu_worker.distributed import destroy_group, free_port, init_group, rank_device, threads_per_rank
 from gpu_worker.engine.model_runner import ModelRunner, RunnerSpec
 from gpu_worker.engine.plan import Command, PlanChannel, StepPlan, shutdown_plan
+from gpu_worker.serve.heartbeat import HeartbeatSpec, HeartbeatThread
 
 log = logging.getLogger("tpqueue.executor")
 
@@ -28,8 +29,10 @@ PARENT_POLL_S = 0.5
 class Executor:
     """Starts the group's ranks and runs steps on them."""
 
-    def __init__(self, spec: RunnerSpec, world_size: int, start_timeout_s: float = 120.0):
+    def __init__(self, spec: RunnerSpec, world_size: int, start_timeout_s: float = 120.0,
+                 heartbeat: HeartbeatSpec | None = None):
         self.world_size = world_size
+        self._heartbeat = heartbeat
         self._children: list[mp.Process] = []
         self._channel = PlanChannel(rank_device(spec.device, 0)) if world_size > 1 else None
         self._closed = False
@@ -80,7 +83,8 @@ class Executor:
         for rank in range(1, self.world_size):
             parent_end, child_end = ctx.Pipe(duplex=False)
             process = ctx.Process(target=run_rank, name=f"tpq-rank{rank}", daemon=True,
-                                  args=(rank, self.world_size, init_method, spec, child_end, os.getpid()))
+                                  args=(rank, self.world_size, init_method, spec, child_end, os.getpid(),
+                                        self._heartbeat))
             process.start()
             self._children.append(process)
             pipes.append(parent_end)
@@ -111,8 +115,12 @@ class Executor:
             p.join(timeout=5)
 
 
-def run_rank(rank: int, world_size: int, init_method: str, spec: RunnerSpec, ready_pipe, parent_pid: int) -> None:
-    """Entry point of ranks 1..N-1: build the runner, then run every plan rank 0 sends."""
+def run_rank(rank: int, world_size: int, init_method: str, spec: RunnerSpec, ready_pipe, parent_pid: int,
+             heartbeat: HeartbeatSpec | None = None) -> None:
+    """Entry point of ranks 1..N-1: build the runner, then run every plan rank 0 sends.
+
+    With ``heartbeat``, a thread writes this rank's heartbeat (its step count) to Redis.
+    """
     torch.set_num_threads(threads_per_rank(world_size))
     _exit_when_parent_dies(parent_pid)
     try:
@@ -123,9 +131,13 @@ def run_rank(rank: int, world_size: int, init_method: str, spec: RunnerSpec, rea
         return
     ready_pipe.send(("ready", None))
     channel = PlanChannel(rank_device(spec.device, rank))
+    steps = [0]
+    if heartbeat is not None:
+        HeartbeatThread(heartbeat, rank, step=lambda: steps[0]).start()
     try:
         while (plan := channel.recv()).command is Command.STEP:
             runner.execute(plan)
+            steps[0] += 1
     except RuntimeError as exc:
         log.error("rank %d: leaving after a failed collective: %s", rank, exc)
         os._exit(1)

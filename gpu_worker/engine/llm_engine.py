@@ -21,6 +21,7 @@ from gpu_worker.engine.sampler import Sampler
 from gpu_worker.engine.scheduler import Scheduler, SchedulerConfig
 from gpu_worker.engine.sequence import Priority, Sequence
 from gpu_worker.model_store import resolve_model
+from gpu_worker.serve.heartbeat import HeartbeatSpec
 from gpu_worker.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("tpqueue.engine")
@@ -55,7 +56,8 @@ class _Request:
 class LLMEngine:
     """Continuous batching over a tensor-parallel model; the driver of a worker group."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, heartbeat: HeartbeatSpec | None = None):
+        """Build the model on ``config.tp`` ranks; with ``heartbeat``, ranks 1.. report liveness to Redis."""
         self.config = config
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
@@ -74,7 +76,7 @@ class LLMEngine:
                                    self.block_manager)
         self.sampler = Sampler()
         spec = RunnerSpec(str(self.model_dir), config.dtype, device, config.block_size, num_blocks)
-        self.executor = Executor(spec, config.tp, config.start_timeout_s)
+        self.executor = Executor(spec, config.tp, config.start_timeout_s, heartbeat)
         self._requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         log.info("engine ready: %s, tp=%d, %s on %s, %d KV blocks of %d, context %d",
@@ -163,15 +165,16 @@ class LLMEngine:
         if rows:
             sampled = [seqs[i] for i in rows]
             tokens = self.sampler(logits if len(rows) == len(seqs) else logits[rows], sampled)
+            sampled_at = time.time()
             for seq, token in zip(sampled, tokens):
-                self._on_token(self._requests[seq.request_id], token, output)
+                self._on_token(self._requests[seq.request_id], token, output, sampled_at)
         return output
 
     def shutdown(self) -> None:
         self.executor.shutdown()
 
     # -- postprocessing ----------------------------------------------------------
-    def _on_token(self, request: _Request, token: int, output: StepOutput) -> None:
+    def _on_token(self, request: _Request, token: int, output: StepOutput, sampled_at: float) -> None:
         seq = request.seq
         seq.append_token(token)
         if seq.first_token_time is None:
@@ -195,7 +198,8 @@ class LLMEngine:
         delta = request.text[request.num_emitted_chars:visible_end]
         request.num_emitted_chars = visible_end
         output.events.append(TokenEvent(request_id=seq.request_id, index=seq.num_generated_tokens - 1,
-                                        token_id=token, text=delta, finish_reason=reason))
+                                        token_id=token, text=delta, finish_reason=reason,
+                                        sampled_at=sampled_at))
         if reason is not None:
             output.finished.append(self._finish(request, reason))
 

@@ -1,0 +1,74 @@
+"""``tpq worker``: run one tensor-parallel worker group against Redis, restarting it when a rank dies."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import threading
+
+from common.errors import TpqError
+from common.groups import hostname
+from common.settings import get_settings
+
+DEFAULT_DTYPE = "float32"
+
+
+def default_group_name() -> str:
+    """This host's name, made a valid group name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", hostname())[:64] or "group"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpq worker", description=__doc__)
+    parser.add_argument("--group", default=None, help="group name, unique per deployment (default: the host name)")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: TPQ_TP, 1)")
+    parser.add_argument("--model", default=None, help="model name or path (default: TPQ_MODEL)")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory per rank")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    parser.add_argument("--no-restart", action="store_true", help="exit when the group fails instead of restarting")
+    parser.add_argument("--rank0", action="store_true", help=argparse.SUPPRESS)  # the launcher's child
+    return parser
+
+
+def engine_options(args: argparse.Namespace, settings) -> dict:
+    """The EngineConfig fields the command line asks for."""
+    options = {"model": args.model or settings.model, "tp": args.tp or settings.tp, "dtype": args.dtype,
+               "max_num_seqs": args.max_num_seqs, "kv_cache_gb": args.kv_cache_gb,
+               "enable_prefix_caching": not args.no_prefix_caching}
+    if args.device:
+        options["device"] = args.device
+    return options
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = get_settings()
+    except TpqError as exc:
+        parser.exit(2, f"tpq worker: {exc}\n")
+    if settings.redis_url is None:
+        parser.exit(2, "tpq worker: set TPQ_REDIS_URL to the Redis the group serves (or run `tpq up`, which "
+                       "starts Redis, a supervisor and groups together)\n")
+    group = args.group or default_group_name()
+    try:
+        from common.keys import validate_group_name
+
+        validate_group_name(group)
+    except TpqError as exc:
+        parser.exit(2, f"tpq worker: --group: {exc}\n")
+    stop = threading.Event()
+    if args.rank0:
+        from gpu_worker.serve.group import GroupOptions, install_stop_signals, serve
+
+        install_stop_signals(stop)
+        return serve(settings, settings.redis_url, GroupOptions(group, engine_options(args, settings)), stop)
+    from gpu_worker.serve.group import install_stop_signals
+    from gpu_worker.serve.launcher import GroupLauncher
+
+    install_stop_signals(stop)
+    command = [sys.executable, "-m", "common.cli", "worker", *argv, "--group", group, "--rank0"]
+    return GroupLauncher(command, group).run(stop, restart=not args.no_restart)

@@ -1,0 +1,44 @@
+"""The job function on tpqueue's allow-list, and how a worker turns a job's request into prompt tokens."""
+from __future__ import annotations
+
+from typing import Any
+
+from common.errors import InvalidRequestError, TpqError
+from common.schemas import GenerationRequest
+from gpu_worker.engine.sequence import Priority
+from gpu_worker.tokenizer import Tokenizer
+
+
+class NotAWorkerGroup(TpqError, RuntimeError):
+    """``generate`` was called by something other than a tpqueue worker group."""
+
+
+def generate(request: dict[str, Any]) -> dict[str, Any]:
+    """The function every tpqueue job names (``common.jobs.GENERATE_FUNC``).
+
+    A worker group's rank 0 never calls it: it recognises the name, batches
+    the job into its engine and finishes it through rq with a ``JobResult``.
+    A stock ``rq worker`` that picked the job up would run this body, which
+    refuses, so the job fails with a message that says where it belongs
+    (and, with retries, goes back to its queue for a real worker).
+    """
+    raise NotAWorkerGroup(
+        "tpqueue generation jobs run on a worker group (`tpq worker` or `tpq up`), which batches them "
+        "into its model; a stock rq worker cannot run them"
+    )
+
+
+def prompt_token_ids(tokenizer: Tokenizer, request: GenerationRequest) -> list[int]:
+    """The prompt of ``request`` as token ids: its text as is, or its chat rendered with the model's template."""
+    if request.prompt is not None:
+        ids = tokenizer.encode(request.prompt)
+    else:
+        ids = tokenizer.encode_chat(list(request.messages or ()))
+    if not ids:
+        raise InvalidRequestError("the prompt encodes to no tokens; give at least one token of text")
+    return ids
+
+
+def engine_priority(request: GenerationRequest) -> Priority:
+    """The scheduler priority of a request: interactive sessions before offline batch jobs."""
+    return Priority.INTERACTIVE if request.priority == "interactive" else Priority.BATCH

@@ -1,0 +1,122 @@
+"""Rank 0 of a worker group: the engine, its ranks, and the threads that connect it to Redis.
+
+Threads of the rank-0 process, each with one job and (for Redis) its own connection:
+
+- main: :class:`EngineLoop` (the decode loop; no Redis);
+- ``tpq-publisher``: token events and end records to Redis, one pipeline per step;
+- ``tpq-job-pump``: claims, admits, cancels and finishes jobs through rq;
+- ``tpq-heartbeat-0``: rank 0's heartbeat (ranks 1.. run their own, in their processes).
+
+:func:`serve` returns an exit code the launcher acts on: 0 after a clean
+stop (SIGINT/SIGTERM: running jobs go back to the front of their queues
+without using up a retry), :data:`EXIT_GROUP_FAILED` when a rank died (jobs
+retried through rq), :data:`EXIT_FENCED` when the supervisor fenced this
+incarnation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import WorkerGroupError
+from common.groups import GroupInfo, hostname, new_incarnation, register_group, unregister_group
+from common.redis_conn import connect
+from common.settings import Settings
+from gpu_worker.engine.engine_config import EngineConfig
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.rq_adapter import disable_pickle
+from gpu_worker.serve.engine_loop import EngineLoop
+from gpu_worker.serve.heartbeat import HeartbeatSpec, HeartbeatThread
+from gpu_worker.serve.job_pump import Fenced, JobPump
+from gpu_worker.serve.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_GROUP_FAILED = 1
+EXIT_FENCED = 3
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """What one worker group runs: its name and its engine's options."""
+
+    group: str
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields (model, tp, dtype, ...)
+
+
+def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threading.Event | None = None) -> int:
+    """Run one incarnation of the group until ``stop`` is set, a rank dies, or it is fenced."""
+    stop = stop or threading.Event()
+    incarnation = new_incarnation()
+    config = EngineConfig(**options.engine)
+    heartbeat = HeartbeatSpec(redis_url, options.group, incarnation,
+                              settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
+    log.info("group %s (incarnation %s): starting %d rank(s) of %s", options.group, incarnation, config.tp,
+             config.model)
+    engine = LLMEngine(config, heartbeat=heartbeat)
+    disable_pickle()  # after the ranks started (their start-up handshake unpickles); no job can bring pickle
+    publisher = pump = beat = None
+    code = EXIT_OK
+    conn = connect(redis_url, client_name=f"tpq-group-{options.group}")
+    try:
+        publisher = Publisher(redis_url, settings.token_log_maxlen, settings.token_log_ttl_s,
+                              on_written=lambda report: pump.on_written(report))
+        loop = EngineLoop(engine, report=publisher.put)
+        pump = JobPump(settings, redis_url, options.group, incarnation, loop, engine.tokenizer,
+                       max_in_flight=config.max_num_seqs)
+        beat = HeartbeatThread(heartbeat, 0, step=lambda: loop.steps, in_flight=lambda: len(pump.running))
+        beat.beat()
+        register_group(conn, GroupInfo(
+            group=options.group, incarnation=incarnation, tp=config.tp, model=str(config.model), host=hostname(),
+            pid=os.getpid(), worker_name=pump.worker.name, started_at=time.time(),
+        ))
+        beat.start()
+        publisher.start()
+        pump.start()
+        _stop_when_thread_ends(pump, stop)
+        log.info("group %s ready: worker %s", options.group, pump.worker.name)
+        loop.run(stop)
+        if isinstance(pump.error, Fenced):
+            code = EXIT_FENCED
+        elif pump.error is not None:
+            code = EXIT_GROUP_FAILED
+    except WorkerGroupError as exc:
+        log.error("group %s failed: %s", options.group, exc)
+        code = EXIT_GROUP_FAILED
+    finally:
+        if publisher is not None and publisher.is_alive():
+            publisher.close()  # write what the engine produced, so finished jobs complete
+        if pump is not None and pump.is_alive():
+            pump.stop("requeue" if code == EXIT_OK else "retry")
+        if beat is not None:
+            beat.stop()
+        if code != EXIT_FENCED:
+            unregister_group(conn, options.group, incarnation, config.tp)
+        conn.close()
+        engine.shutdown()
+    log.info("group %s (incarnation %s) stopped with exit code %d", options.group, incarnation, code)
+    return code
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set ``stop`` (a clean stop: jobs go back to their queues)."""
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _stop_when_thread_ends(thread: threading.Thread, stop: threading.Event) -> None:
+    def watch() -> None:
+        thread.join()
+        stop.set()
+
+    threading.Thread(target=watch, name=f"watch-{thread.name}", daemon=True).start()

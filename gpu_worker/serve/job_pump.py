@@ -1,0 +1,313 @@
+"""Rank 0's job thread: everything between rq and the engine loop, on its own Redis connection.
+
+Each pass it
+1. finishes the jobs the publisher has written out (``rq`` FINISHED with a
+   :class:`JobResult`, or FAILED for a request the engine refused);
+2. every ``CONTROL_PERIOD_S``, turns cancel flags and passed deadlines of
+   running jobs into engine aborts;
+3. every heartbeat interval, refreshes rq's heartbeats of its started jobs,
+   re-reads the shard map (which queues to listen on) and checks that its
+   incarnation has not been fenced;
+4. claims as many new jobs as the engine has room for, session shards
+   before the shared ``batch`` queue, and admits them: validated again
+   (never trusting the queue), resumed from their token log when an earlier
+   run streamed part of them, and started through rq.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from common import keys
+from common.errors import InvalidRequestError, TpqError
+from common.groups import is_fenced, read_shard_map, shards_of
+from common.jobs import GENERATE_FUNC, request_from_job_kwargs
+from common.redis_conn import connect
+from common.results import FinishReason, GenerationResult, JobResult, StreamEnd, Timings, TokenEvent, Usage
+from common.schemas import GenerationRequest, check_limits
+from common.settings import Settings
+from common.token_log import queue_messages, resume_point
+from gpu_worker.jobs import engine_priority, prompt_token_ids
+from gpu_worker.rq_adapter import BatchWorker, Claimed, ForbiddenJobFunction, Started, check_allowed
+from gpu_worker.serve.engine_loop import Abort, Admit, EngineLoop, StepReport
+from gpu_worker.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CONTROL_PERIOD_S = 0.1
+CLAIM_BATCH = 16
+POLL_MIN_S, POLL_MAX_S = 0.002, 0.02
+BATCH_RESERVE_FRACTION = 0.25  # of max_in_flight, kept free of batch jobs for interactive sessions
+
+
+class Fenced(TpqError):
+    """The supervisor fenced this incarnation: it must stop taking and finishing work."""
+
+
+@dataclass
+class RunningJob:
+    """A job in the engine: what the result needs that the engine does not know."""
+
+    started: Started
+    request: GenerationRequest
+    admitted_wall: float     # Unix time it entered the engine
+    queued_before_s: float   # seconds from enqueue to admission
+
+
+class JobPump(threading.Thread):
+    """Moves jobs from rq into ``loop`` and results from the publisher back into rq (see module doc)."""
+
+    def __init__(self, settings: Settings, redis_url: str, group: str, incarnation: str,
+                 loop: EngineLoop, tokenizer: Tokenizer, max_in_flight: int) -> None:
+        super().__init__(name="tpq-job-pump", daemon=True)
+        self.settings, self.group, self.incarnation = settings, group, incarnation
+        self.loop, self.tokenizer, self.max_in_flight = loop, tokenizer, max_in_flight
+        self.conn = connect(redis_url, client_name=f"tpq-jobs-{group}")
+        self.worker = BatchWorker(self.conn, group, incarnation, [keys.BATCH_QUEUE],
+                                  job_ttl_s=max(1, round(settings.heartbeat_ttl_s)))
+        self.running: dict[str, RunningJob] = {}
+        self._written: queue.SimpleQueue[StepReport] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop_event = threading.Event()
+        self._shutdown_mode = "requeue"
+        self._shard_queues: list[str] = []
+        self._epoch = -1
+        self._next_control = self._next_keepalive = 0.0
+        self._warned_no_map = False
+        self.error: BaseException | None = None
+        self.finished_jobs = self.failed_jobs = 0
+
+    # -- interface for other threads -------------------------------------------
+    def on_written(self, report: StepReport) -> None:
+        """The publisher stored ``report``'s messages: its finished jobs can complete in rq (any thread)."""
+        if report.finished or report.rejected:
+            self._written.put(report)
+            self._wake.set()
+
+    def stop(self, mode: str = "requeue") -> None:
+        """Stop the thread. ``mode``: ``requeue`` started jobs without using a retry (a clean stop),
+        ``retry`` them through rq's Retry (the group failed), or ``abandon`` them (fenced: the
+        supervisor has requeued them already)."""
+        self._shutdown_mode = mode
+        self._stop_event.set()
+        self._wake.set()
+        self.join(timeout=60)
+
+    # -- the thread --------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.worker.register()
+            returned = self.worker.return_claimed()
+            if returned:
+                log.info("put %d job(s) an earlier run of group %s had claimed back on their queues",
+                         returned, self.group)
+            pause = POLL_MIN_S
+            while not self._stop_event.is_set():
+                busy = self._pass()
+                pause = POLL_MIN_S if busy else min(pause * 2, POLL_MAX_S)
+                self._wait(pause)
+            self._finish_written()
+            self._release_running()
+        except Fenced as exc:
+            log.error("%s", exc)
+            self.error = exc
+        except BaseException as exc:  # noqa: BLE001 - reported to the group, which restarts
+            log.exception("job pump of group %s failed", self.group)
+            self.error = exc
+        finally:
+            try:
+                self.worker.unregister()
+            except redis.RedisError:
+                pass
+            self.conn.close()
+
+    def _wait(self, pause: float) -> None:
+        """Sleep up to ``pause`` seconds, waking early when the publisher hands over finished jobs."""
+        self._wake.wait(pause)
+        self._wake.clear()
+
+    def _pass(self) -> bool:
+        busy = self._finish_written()
+        now = time.monotonic()
+        if now >= self._next_control:
+            self._next_control = now + CONTROL_PERIOD_S
+            self._abort_cancelled_and_late()
+        if now >= self._next_keepalive:
+            self._next_keepalive = now + self.settings.heartbeat_interval_s
+            self._keep_alive()
+        return self._claim_and_admit() or busy
+
+    # -- finishing -------------------------------------------------------------
+    def _finish_written(self) -> bool:
+        busy = False
+        while True:
+            try:
+                report = self._written.get_nowait()
+            except queue.Empty:
+                return busy
+            busy = True
+            for result in report.finished:
+                self._succeed(result)
+            for job_id, why in report.rejected:
+                job = self.running.pop(job_id, None)
+                if job is not None:
+                    self._fail(job.started.job, job.started.queue, f"the engine refused the request: {why}",
+                               retry=False, end_written=True)
+
+    def _succeed(self, result: GenerationResult) -> None:
+        job = self.running.pop(result.request_id, None)
+        if job is None:
+            return
+        offset = job.queued_before_s
+        job_result = JobResult(
+            **result.model_dump(exclude={"timings"}),
+            timings=Timings(queue_s=offset + result.timings.queue_s,
+                            time_to_first_token_s=offset + result.timings.time_to_first_token_s,
+                            total_s=offset + result.timings.total_s),
+            group=self.group, attempt=job.started.attempt,
+        )
+        self.worker.succeed(result.request_id, job_result.model_dump(mode="json"))
+        self.finished_jobs += 1
+        log.info("job %s finished (%s, %d tokens) on group %s", result.request_id,
+                 result.finish_reason.value, result.usage.generated_tokens, self.group)
+
+    def _fail(self, job, queue_, message: str, *, retry: bool, end_written: bool = False) -> None:
+        if not end_written and not retry:
+            self._write_messages([StreamEnd(request_id=job.id, num_tokens=0, error=message)])
+        self.worker.fail(job, queue_, message, retry=retry)
+        self.failed_jobs += 1
+        log.warning("job %s failed on group %s: %s", job.id, self.group, message)
+
+    def _release_running(self) -> None:
+        """On stop: give every started job back to rq as ``_shutdown_mode`` says."""
+        mode = self._shutdown_mode
+        for job_id in list(self.worker.started):
+            started = self.worker.started[job_id]
+            if mode == "requeue":
+                self.worker.requeue(job_id)
+            elif mode == "retry":
+                self.worker.fail(started.job, started.queue, "its worker group failed; retrying", retry=True)
+            self.running.pop(job_id, None)
+        if self.worker.started:
+            log.info("%s %d running job(s) of group %s", mode, len(self.worker.started), self.group)
+
+    # -- control ---------------------------------------------------------------
+    def _abort_cancelled_and_late(self) -> None:
+        if not self.running:
+            return
+        ids = list(self.running)
+        flags = self.conn.mget([keys.cancel_flag(i) for i in ids])
+        now = time.time()
+        for job_id, flag in zip(ids, flags):
+            request = self.running[job_id].request
+            if flag is not None:
+                self.loop.submit(Abort(job_id, FinishReason.CANCELLED))
+            elif request.deadline_unix_s is not None and now >= request.deadline_unix_s:
+                self.loop.submit(Abort(job_id, FinishReason.DEADLINE))
+
+    def _keep_alive(self) -> None:
+        if is_fenced(self.conn, self.group, self.incarnation):
+            self._shutdown_mode = "abandon"
+            self.worker.started.clear()
+            raise Fenced(f"group {self.group} incarnation {self.incarnation} was fenced by the supervisor; stopping")
+        self.worker.keep_alive()
+        epoch, shard_map = read_shard_map(self.conn)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            owned = shards_of(shard_map, self.group)
+            self._shard_queues = [keys.shard_queue_name(s) for s in owned]
+            self.worker.set_queues(self._shard_queues + [keys.BATCH_QUEUE])
+            log.info("group %s listens on %d shard queue(s) and 'batch' (shard map epoch %d)",
+                     self.group, len(owned), epoch)
+        if epoch == 0 and not self._warned_no_map:
+            self._warned_no_map = True
+            log.warning("no shard map in Redis yet: only the 'batch' queue is served until a supervisor "
+                        "(tpq supervisor, or tpq up) assigns session shards")
+
+    # -- admitting ---------------------------------------------------------------
+    def _claim_and_admit(self) -> bool:
+        room = self.max_in_flight - len(self.running)
+        if room <= 0:
+            return False
+        queues = list(self._shard_queues)
+        if room > self.max_in_flight * BATCH_RESERVE_FRACTION:
+            queues.append(keys.BATCH_QUEUE)
+        claimed = self.worker.claim(queues, min(room, CLAIM_BATCH))
+        for item in claimed:
+            self._admit(item)
+        return bool(claimed)
+
+    def _admit(self, item: Claimed) -> None:
+        if item.job is None:
+            log.error("job %s on %s cannot be read (%s); dropping the id", item.job_id, item.queue.name, item.error)
+            self.worker.drop_claim(item.job_id)
+            return
+        job = item.job
+        try:
+            check_allowed(job.func_name)
+            request = check_limits(request_from_job_kwargs(job.kwargs), self.settings)
+            if request.request_id != job.id:
+                raise InvalidRequestError(f"the request id {request.request_id!r} differs from the job id {job.id!r}")
+        except (ForbiddenJobFunction, TpqError, ValueError) as exc:
+            self._fail(job, item.queue, f"{type(exc).__name__}: {exc}", retry=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - undecodable data, a hostile payload: fail, never crash
+            self._fail(job, item.queue, f"the job's data cannot be read: {type(exc).__name__}: {exc}", retry=False)
+            return
+        queued_before_s = max(0.0, time.time() - job.enqueued_at.timestamp()) if job.enqueued_at else 0.0
+        started = self.worker.start(job, item.queue)
+        tokens, end = resume_point(self.conn, job.id)
+        if self.conn.exists(keys.cancel_flag(job.id)):
+            self._finish_without_engine(started, request, tokens, FinishReason.CANCELLED)
+        elif end is not None or (tokens and tokens[-1].finish_reason is not None):
+            reason = end.finish_reason if end is not None else tokens[-1].finish_reason
+            if end is not None and end.error is not None:
+                self._fail(job, item.queue, end.error, retry=False, end_written=True)
+            else:
+                self._finish_without_engine(started, request, tokens, reason, end_written=end is not None)
+        elif request.deadline_unix_s is not None and time.time() >= request.deadline_unix_s:
+            self._finish_without_engine(started, request, tokens, FinishReason.DEADLINE)
+        else:
+            self._start_generating(started, request, tokens, queued_before_s)
+
+    def _start_generating(self, started: Started, request: GenerationRequest, tokens: list[TokenEvent],
+                          queued_before_s: float) -> None:
+        job = started.job
+        try:
+            prompt = prompt_token_ids(self.tokenizer, request)
+        except (TpqError, ValueError) as exc:
+            self._fail(job, started.queue, f"{type(exc).__name__}: {exc}", retry=False)
+            return
+        self.running[job.id] = RunningJob(started, request, time.time(), queued_before_s)
+        self.loop.submit(Admit(job.id, prompt, request.sampling, engine_priority(request),
+                               resume_token_ids=[t.token_id for t in tokens]))
+        if tokens:
+            log.info("job %s resumes at token %d (attempt %d)", job.id, len(tokens), started.attempt)
+
+    def _finish_without_engine(self, started: Started, request: GenerationRequest, tokens: list[TokenEvent],
+                               reason: FinishReason, end_written: bool = False) -> None:
+        """Complete a job the engine need not run: cancelled or late before it began, or already fully streamed."""
+        job = started.job
+        if not end_written:
+            self._write_messages([StreamEnd(request_id=job.id, num_tokens=len(tokens), finish_reason=reason)])
+        prompt_tokens = len(prompt_token_ids(self.tokenizer, request)) if tokens else 0
+        result = JobResult(
+            request_id=job.id, text="".join(t.text for t in tokens), token_ids=[t.token_id for t in tokens],
+            finish_reason=reason,
+            usage=Usage(prompt_tokens=prompt_tokens, cached_tokens=0, generated_tokens=len(tokens)),
+            timings=Timings(queue_s=0.0, time_to_first_token_s=0.0, total_s=0.0),
+            group=self.group, attempt=started.attempt,
+        )
+        self.worker.succeed(job.id, result.model_dump(mode="json"))
+        self.finished_jobs += 1
+        log.info("job %s finished (%s) without running on group %s", job.id, reason.value, self.group)
+
+    def _write_messages(self, messages: list[TokenEvent | StreamEnd]) -> None:
+        with self.conn.pipeline(transaction=False) as pipe:
+            queue_messages(pipe, messages, self.settings.token_log_maxlen, self.settings.token_log_ttl_s)
+            pipe.execute(raise_on_error=False)
