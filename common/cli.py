@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("gpu_worker.cli.model", "fetch and locate model weights (tpq model fetch)"),
     "local": ("gpu_worker.cli.local", "generate with an in-process engine, no Redis (streams to the terminal)"),
     "worker": ("gpu_worker.cli.worker", "run a tensor-parallel worker group against Redis (restarted when a rank dies)"),
+    "up": ("router.up_cli", "run the whole local stack: Redis (embedded unless TPQ_REDIS_URL), supervisor, groups"),
     "supervisor": ("router.cli", "run the recovery supervisor: shard map, dead and hung groups, rq cleanup"),
 }
 

@@ -1,0 +1,64 @@
+"""``tpq up``: the whole local stack in one command (Redis, the supervisor, worker groups); Ctrl-C stops it."""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from common.errors import TpqError
+from common.redis_conn import redact_url
+from common.settings import get_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpq up", description=__doc__)
+    parser.add_argument("--groups", type=int, default=1, help="worker groups to run (default 1)")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per group (default: TPQ_TP, 1)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences a group decodes together")
+    parser.add_argument("--ready-timeout-s", type=float, default=600.0, help="how long groups may take to load")
+    return parser
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    """The ``tpq worker`` options ``tpq up`` passes on to each group."""
+    extra = []
+    if args.dtype:
+        extra += ["--dtype", args.dtype]
+    if args.max_num_seqs:
+        extra += ["--max-num-seqs", str(args.max_num_seqs)]
+    return extra
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.groups < 1:
+        parser.error("--groups must be at least 1")
+    try:
+        settings = get_settings()
+    except TpqError as exc:
+        parser.exit(2, f"tpq up: {exc}\n")
+    from router.stack import LocalStack, StackError, StackOptions
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = LocalStack(settings, StackOptions(groups=args.groups, tp=args.tp or settings.tp,
+                                              worker_args=worker_args(args)))
+    try:
+        stack.start()
+        print(f"tpq up: waiting for {args.groups} group(s) to load the model ...", flush=True)
+        if not stack.wait_ready(args.ready_timeout_s, stop):
+            return 130
+        print(f"tpq up: ready. Redis {redact_url(stack.redis_url)}; groups {', '.join(stack.group_names)}.\n"
+              "  try: tpq generate \"Why is the sky blue?\" --session me   (Ctrl-C here stops everything)",
+              flush=True)
+        stop.wait()
+    except (StackError, TpqError) as exc:
+        print(f"tpq up: {exc}", flush=True)
+        return 1
+    finally:
+        print("tpq up: stopping ...", flush=True)
+        stack.stop()
+    return 0
