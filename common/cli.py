@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "local": ("gpu_worker.cli.local", "generate with an in-process engine, no Redis (streams to the terminal)"),
     "worker": ("gpu_worker.cli.worker", "run a tensor-parallel worker group against Redis (restarted when a rank dies)"),
     "up": ("router.up_cli", "run the whole local stack: Redis (embedded unless TPQ_REDIS_URL), supervisor, groups"),
+    "status": ("producer.cli.status", "show groups, ranks, shards, queues and jobs (--json for tools)"),
     "supervisor": ("router.cli", "run the recovery supervisor: shard map, dead and hung groups, rq cleanup"),
 }
 
