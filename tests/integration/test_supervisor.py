@@ -1,0 +1,423 @@
+"""router.supervisor against a real redis-server: groups simulated through their Redis protocol.
+
+A "group" here is what a worker group writes: a GroupInfo registered with
+common.groups.register_group and one Heartbeat per rank (common.groups).
+Its started jobs are real rq jobs, dequeued and started through a real rq
+SimpleWorker named like the group's rq worker, so the supervisor finds them
+exactly as it would find a BatchWorker's.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import redis
+from rq import Queue, Retry, SimpleWorker
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from common import keys
+from common.groups import (GroupInfo, fence, is_fenced, make_heartbeat, new_incarnation, read_shard_map,
+                           register_group, unregister_group, write_heartbeat)
+from common.redis_conn import connect
+from common.settings import get_settings
+from router import cli, rq_maintenance
+from router.supervisor import Health, HangTracker, Supervisor, classify
+
+SETTINGS = get_settings(heartbeat_interval_s=0.2, heartbeat_ttl_s=0.6, hang_timeout_s=1.0, num_shards=8,
+                        job_retries=2)
+JOB_FUNC = "tests.integration.test_supervisor.never_runs"  # a string: rq never imports it here
+
+
+@pytest.fixture
+def conn(redis_url: str) -> Iterator[redis.Redis]:
+    client = connect(redis_url)
+    yield client
+    client.close()
+
+
+def supervisor(conn: redis.Redis, **kwargs) -> Supervisor:
+    return Supervisor(conn, SETTINGS, interval_s=kwargs.pop("interval_s", 0.05), **kwargs)
+
+
+# ------------------------------------------------------------------ simulated groups
+
+
+def register(conn: redis.Redis, group: str, *, tp: int = 1, started_ago_s: float = 10.0) -> GroupInfo:
+    """Register a fresh incarnation of ``group``, as its rank 0 does at start."""
+    incarnation = new_incarnation()
+    info = GroupInfo(group=group, incarnation=incarnation, tp=tp, model="tiny", host="test", pid=1,
+                     worker_name=f"tpq-{group}-{incarnation}", started_at=time.time() - started_ago_s)
+    register_group(conn, info)
+    return info
+
+
+def beat(conn: redis.Redis, info: GroupInfo, *, step: int = 0, in_flight: int = 0, ranks: range | None = None) -> None:
+    """Write the heartbeats of ``info``'s ranks (all by default), with the settings' TTL."""
+    for rank in ranks if ranks is not None else range(info.tp):
+        write_heartbeat(conn, make_heartbeat(info.group, rank, info.incarnation, step if rank == 0 else 0,
+                                             in_flight if rank == 0 else 0), SETTINGS.heartbeat_ttl_s)
+
+
+def live_group(conn: redis.Redis, group: str, *, tp: int = 1) -> GroupInfo:
+    info = register(conn, group, tp=tp)
+    beat(conn, info)
+    return info
+
+
+def enqueue(conn: redis.Redis, queue_name: str, job_id: str, retries: int = 2) -> Job:
+    queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
+    return queue.enqueue(JOB_FUNC, job_id=job_id, retry=Retry(max=retries, enqueue_at_front=True),
+                         result_ttl=60, failure_ttl=60)
+
+
+def start_job(conn: redis.Redis, queue_name: str, job_id: str, worker_name: str, *, retries: int = 2,
+              worker_class: type[SimpleWorker] = SimpleWorker) -> Job:
+    """Enqueue a job, dequeue it and start it with an rq worker called ``worker_name``: a real started job."""
+    enqueue(conn, queue_name, job_id, retries)
+    return start_queued(conn, queue_name, worker_name, worker_class=worker_class)
+
+
+def start_queued(conn: redis.Redis, queue_name: str, worker_name: str, *,
+                 worker_class: type[SimpleWorker] = SimpleWorker) -> Job:
+    """Dequeue the front job of ``queue_name`` and start it as rq worker ``worker_name`` does."""
+    queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
+    worker = worker_class([queue], connection=conn, name=worker_name, serializer=JSONSerializer)
+    job, _ = Queue.dequeue_any([queue], None, connection=conn, serializer=JSONSerializer)
+    worker.prepare_execution(job)
+    worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    return job
+
+
+def queued_ids(conn: redis.Redis, queue_name: str) -> list[str]:
+    return Queue(queue_name, connection=conn, serializer=JSONSerializer).get_job_ids()
+
+
+def fetch(conn: redis.Redis, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+
+
+def shard_of(conn: redis.Redis, group: str) -> int:
+    return min(s for s, g in read_shard_map(conn)[1].items() if g == group)
+
+
+def wait_gone(conn: redis.Redis, key: str, timeout_s: float = 3.0) -> float:
+    """Poll until ``key`` has expired; the time it was first seen gone."""
+    deadline = time.monotonic() + timeout_s
+    while conn.exists(key):
+        assert time.monotonic() < deadline, f"{key} did not expire"
+        time.sleep(0.01)
+    return time.monotonic()
+
+
+# ------------------------------------------------------------------ shard map
+
+
+def test_a_new_group_gets_every_shard(conn: redis.Redis) -> None:
+    live_group(conn, "g1")
+    result = supervisor(conn).run_once()
+    assert result.leader and result.live == ["g1"]
+    assert read_shard_map(conn) == (1, {s: "g1" for s in range(8)})
+
+
+def test_two_groups_split_the_shards_and_a_steady_pass_writes_nothing(conn: redis.Redis) -> None:
+    sup = supervisor(conn)
+    live_group(conn, "g1")
+    sup.run_once()
+    live_group(conn, "g2")
+    result = sup.run_once()
+    epoch, owners = read_shard_map(conn)
+    assert epoch == 2 and Counter(owners.values()) == {"g1": 4, "g2": 4}
+    assert len(result.moved) == 4 and all(owners[s] == "g2" for s in result.moved)
+    assert sup.run_once().epoch is None and read_shard_map(conn)[0] == 2
+    assert sup.shard_reassignments == 8 + 4 and sup.shard_map_writes == 2
+
+
+def test_a_starting_group_gets_a_grace_then_is_declared_dead(conn: redis.Redis) -> None:
+    info = register(conn, "g1", tp=2, started_ago_s=0.0)
+    now = [info.started_at]
+    sup = supervisor(conn, clock=lambda: now[0])
+    beat(conn, info, ranks=range(1))  # rank 1 not up yet
+    first = sup.run_once()
+    assert first.live == [] and first.declared == {} and not is_fenced(conn, "g1", info.incarnation)
+    assert read_shard_map(conn)[1] == {}, "a group is given shards only once all its ranks beat"
+    now[0] += SETTINGS.heartbeat_ttl_s + 0.01
+    second = sup.run_once()
+    assert "no heartbeat from rank(s) 1 of 2" in second.declared["g1"]
+    assert is_fenced(conn, "g1", info.incarnation)
+
+
+# ------------------------------------------------------------------ dead and hung groups
+
+
+def test_a_dead_group_is_fenced_its_shards_move_and_its_jobs_go_to_the_front(conn: redis.Redis) -> None:
+    sup = supervisor(conn)
+    g1, g2 = live_group(conn, "g1"), live_group(conn, "g2")
+    sup.run_once()
+    queue_name = keys.shard_queue_name(shard_of(conn, "g1"))
+    start_job(conn, queue_name, "victim", g1.worker_name)
+    enqueue(conn, queue_name, "bystander")
+    last_beat = time.monotonic()
+    beat(conn, g1)
+    while time.monotonic() - last_beat < SETTINGS.heartbeat_ttl_s + 0.3:  # g2 keeps beating, g1 has died
+        beat(conn, g2)
+        result = sup.run_once()
+        if result.declared:
+            break
+        time.sleep(0.02)
+    assert list(result.declared) == ["g1"] and "no heartbeat from rank(s) 0" in result.declared["g1"]
+    assert is_fenced(conn, "g1", g1.incarnation) and not is_fenced(conn, "g2", g2.incarnation)
+    assert read_shard_map(conn)[1] == {s: "g2" for s in range(8)}
+    assert result.requeued == ["victim"] and sup.jobs_requeued == 1 and sup.groups_declared_dead == 1
+    assert queued_ids(conn, queue_name) == ["victim", "bystander"]
+    victim = fetch(conn, "victim")
+    assert victim.get_status() == JobStatus.QUEUED and victim.retries_left == 1
+    assert StartedJobRegistry(queue_name, connection=conn).get_job_ids() == []
+    assert time.monotonic() - last_beat < SETTINGS.heartbeat_ttl_s + 0.3
+
+
+def test_a_hung_group_is_fenced_after_the_hang_timeout(conn: redis.Redis) -> None:
+    sup = supervisor(conn)
+    hung, busy = live_group(conn, "hung"), live_group(conn, "busy")
+    sup.run_once()
+    queue_name = keys.shard_queue_name(shard_of(conn, "hung"))
+    start_job(conn, queue_name, "stuck", hung.worker_name)  # its rq execution stays fresh (TTL ~90 s)
+    frozen_since = time.monotonic()
+    step = 0
+    while time.monotonic() - frozen_since < SETTINGS.hang_timeout_s + 1.0:
+        step += 1
+        beat(conn, hung, step=7, in_flight=1)
+        beat(conn, busy, step=step, in_flight=3)
+        result = sup.run_once()
+        if result.declared:
+            break
+        time.sleep(0.05)
+    declared_after = time.monotonic() - frozen_since
+    assert list(result.declared) == ["hung"] and "step stuck at 7" in result.declared["hung"]
+    assert SETTINGS.hang_timeout_s <= declared_after < SETTINGS.hang_timeout_s + 0.5
+    assert is_fenced(conn, "hung", hung.incarnation) and sup.groups_declared_hung == 1
+    assert set(read_shard_map(conn)[1].values()) == {"busy"}
+    assert result.requeued == ["stuck"] and queued_ids(conn, queue_name) == ["stuck"]
+    assert fetch(conn, "stuck").retries_left == 1
+
+
+def test_an_idle_group_with_a_frozen_step_is_not_hung() -> None:
+    tracker = HangTracker(hang_timeout_s=1.0)
+    info = GroupInfo(group="g", incarnation="i", tp=1, model="m", host="h", pid=1, worker_name="w", started_at=0)
+    idle = make_heartbeat("g", 0, "i", step=5, in_flight=0)
+    busy = make_heartbeat("g", 0, "i", step=5, in_flight=2)
+    judge = lambda b, t: classify(info, None, [b], tracker, heartbeat_ttl_s=1, now=100, monotonic_now=t)  # noqa: E731
+    assert judge(idle, 0.0).health is Health.LIVE
+    assert judge(idle, 50.0).health is Health.LIVE
+    assert judge(busy, 50.5).health is Health.LIVE, "the hang clock starts when jobs are in flight"
+    assert judge(busy, 51.6).health is Health.HUNG
+
+
+def test_a_stale_heartbeat_of_an_older_incarnation_counts_as_missing(conn: redis.Redis) -> None:
+    old = live_group(conn, "g1")
+    new = register(conn, "g1")  # restarted, but has not beaten yet; the old heartbeat is still there
+    assert conn.exists(keys.heartbeat("g1", 0)) and old.incarnation != new.incarnation
+    result = supervisor(conn).run_once()
+    assert "no heartbeat from rank(s) 0" in result.declared["g1"]
+    assert is_fenced(conn, "g1", new.incarnation)
+
+
+def test_retries_exhausted_means_failed_with_a_clear_reason(conn: redis.Redis) -> None:
+    sup = supervisor(conn)
+    queue_name = keys.shard_queue_name(0)
+    first = register(conn, "g1")
+    start_job(conn, queue_name, "doomed", first.worker_name, retries=1)
+    assert sup.run_once().requeued == ["doomed"]
+    assert fetch(conn, "doomed").retries_left == 0
+    second = register(conn, "g1")  # the launcher restarts the group; it takes the job again and dies again
+    start_queued(conn, queue_name, second.worker_name)
+    result = sup.run_once()
+    assert result.failed == ["doomed"] and sup.jobs_failed == 1
+    job = fetch(conn, "doomed")
+    assert job.get_status() == JobStatus.FAILED
+    assert "doomed" in FailedJobRegistry(queue_name, connection=conn).get_job_ids()
+    reason = job.latest_result().exc_string
+    assert f"worker group g1 (incarnation {second.incarnation}) was declared dead" in reason
+    assert "no retries left" in reason and queued_ids(conn, queue_name) == []
+
+
+def test_requeue_is_idempotent_and_leaves_nothing_for_rqs_cleanup(conn: redis.Redis) -> None:
+    queue_name = keys.shard_queue_name(1)
+    start_job(conn, queue_name, "once", "tpq-g1-abc")
+    queues = [queue_name]
+    assert rq_maintenance.requeue_worker_jobs(conn, queues, "tpq-g1-abc", "test").requeued == ["once"]
+    assert rq_maintenance.requeue_worker_jobs(conn, queues, "tpq-g1-abc", "test").requeued == []
+    StartedJobRegistry(queue_name, connection=conn, serializer=JSONSerializer).cleanup(time.time() + 1000)
+    assert queued_ids(conn, queue_name) == ["once"] and fetch(conn, "once").retries_left == 1
+
+
+def test_only_the_named_workers_jobs_are_requeued(conn: redis.Redis) -> None:
+    queue_name = keys.shard_queue_name(2)
+    start_job(conn, queue_name, "mine", "tpq-dead-1")
+    start_job(conn, queue_name, "theirs", "tpq-alive-2")
+    report = rq_maintenance.requeue_worker_jobs(conn, [queue_name], "tpq-dead-1", "test")
+    assert report.requeued == ["mine"]
+    assert StartedJobRegistry(queue_name, connection=conn).get_job_ids() == ["theirs"]
+
+
+def test_the_worker_name_is_found_after_the_execution_hash_expired(conn: redis.Redis) -> None:
+    queue_name = keys.shard_queue_name(3)
+    job = start_job(conn, queue_name, "orphan", "tpq-dead-9")
+    for execution in job.get_executions():
+        conn.delete(execution.key)  # rq gives it the same TTL as the registry entry
+    assert rq_maintenance.requeue_worker_jobs(conn, [queue_name], "tpq-dead-9", "test").requeued == ["orphan"]
+
+
+def test_requeue_works_on_fakeredis_too(fake_redis: redis.Redis) -> None:
+    queue_name = keys.BATCH_QUEUE
+    start_job(fake_redis, queue_name, "fake", "tpq-g-1")
+    enqueue(fake_redis, queue_name, "next")
+    assert rq_maintenance.requeue_worker_jobs(fake_redis, [queue_name], "tpq-g-1", "test").requeued == ["fake"]
+    assert queued_ids(fake_redis, queue_name) == ["fake", "next"]
+
+
+# ------------------------------------------------------------------ rq's own cleanups
+
+
+class ShortTTLWorker(SimpleWorker):
+    """A worker whose executions expire after one second unless refreshed."""
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        return 1
+
+
+def test_an_expired_started_job_is_requeued_by_rqs_cleanup(conn: redis.Redis) -> None:
+    queue_name = keys.shard_queue_name(4)
+    start_job(conn, queue_name, "expired", "tpq-gone-1", worker_class=ShortTTLWorker)
+    sup = supervisor(conn)
+    assert sup.run_once().expired == 0
+    time.sleep(2.1)  # rq scores in whole seconds
+    assert sup.run_once().expired == 1 and sup.expired_jobs_cleaned == 1
+    assert queued_ids(conn, queue_name) == ["expired"] and fetch(conn, "expired").retries_left == 1
+
+
+def test_a_job_stuck_in_the_intermediate_queue_is_requeued(conn: redis.Redis) -> None:
+    queue_name = keys.shard_queue_name(5)
+    queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
+    enqueue(conn, queue_name, "limbo")
+    Queue.dequeue_any([queue], None, connection=conn, serializer=JSONSerializer)  # LMOVE, then the worker died
+    intermediate = IntermediateQueue(queue.key, connection=conn)
+    assert intermediate.get_job_ids() == ["limbo"]
+    assert rq_maintenance.clean_intermediate_queue(conn, queue_name) == 0  # first seen now
+    conn.set(intermediate.get_first_seen_key("limbo"), time.time() - 61)
+    assert rq_maintenance.clean_intermediate_queue(conn, queue_name) == 1
+    assert intermediate.get_job_ids() == [] and queued_ids(conn, queue_name) == ["limbo"]
+    assert fetch(conn, "limbo").retries_left == 1
+
+
+# ------------------------------------------------------------------ one active supervisor
+
+
+def test_a_second_supervisor_stands_by_and_takes_over_after_release(conn: redis.Redis) -> None:
+    active, standby = supervisor(conn), supervisor(conn)
+    live_group(conn, "g1")
+    assert active.run_once().leader
+    live_group(conn, "g2")
+    assert not standby.run_once().leader
+    assert set(read_shard_map(conn)[1].values()) == {"g1"}, "a standby writes nothing"
+    active.release()
+    assert standby.run_once().leader and standby.is_leader
+    assert set(read_shard_map(conn)[1].values()) == {"g1", "g2"}
+    assert not active.run_once().leader
+
+
+def test_run_stops_cleanly_and_a_standby_takes_over(conn: redis.Redis) -> None:
+    active, standby = supervisor(conn), supervisor(conn)
+    stop = threading.Event()
+    thread = threading.Thread(target=active.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 2
+    while not active.is_leader and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert active.is_leader and not standby.run_once().leader
+    stop.set()
+    thread.join(timeout=2)
+    assert not thread.is_alive() and conn.get(keys.supervisor_lock()) is None
+    assert standby.run_once().leader
+
+
+def test_a_crashed_supervisors_lock_expires_and_the_standby_takes_over(conn: redis.Redis) -> None:
+    crashed = supervisor(conn, interval_s=0.05, lock_ttl_s=0.3)
+    standby = supervisor(conn, interval_s=0.05, lock_ttl_s=0.3)
+    assert crashed.run_once().leader and not standby.run_once().leader
+    time.sleep(0.35)  # the crashed one never renews nor releases
+    assert standby.run_once().leader
+    assert not crashed.run_once().leader and not crashed.is_leader
+
+
+def test_a_restarted_supervisor_recovers_from_redis(conn: redis.Redis) -> None:
+    g1, g2 = live_group(conn, "g1"), live_group(conn, "g2")
+    first = supervisor(conn)
+    first.run_once()
+    before = read_shard_map(conn)
+    queue_name = keys.shard_queue_name(shard_of(conn, "g1"))
+    start_job(conn, queue_name, "leftover", g1.worker_name)
+    fence(conn, "g1", g1.incarnation)  # the first supervisor fenced g1, then died before moving anything
+    conn.delete(keys.supervisor_lock(), keys.heartbeat("g1", 0))
+    second = supervisor(conn)
+    beat(conn, g2)
+    result = second.run_once()
+    epoch, owners = read_shard_map(conn)
+    assert epoch == before[0] + 1 and owners == {s: "g2" for s in range(8)}
+    assert sorted(owners) == list(range(8)), "one owner per shard"
+    assert result.requeued == ["leftover"] and queued_ids(conn, queue_name) == ["leftover"]
+    assert result.declared == {}, "an incarnation is fenced once"
+    third = supervisor(conn)
+    conn.delete(keys.supervisor_lock())
+    assert third.run_once().epoch is None and read_shard_map(conn) == (epoch, owners)
+
+
+def test_a_cleanly_stopped_group_loses_its_shards_without_being_fenced(conn: redis.Redis) -> None:
+    sup = supervisor(conn)
+    g1, _ = live_group(conn, "g1"), live_group(conn, "g2")
+    sup.run_once()
+    unregister_group(conn, "g1", g1.incarnation, g1.tp)
+    result = sup.run_once()
+    assert result.declared == {} and set(read_shard_map(conn)[1].values()) == {"g2"}
+
+
+def test_no_live_group_empties_the_map(conn: redis.Redis) -> None:
+    sup = supervisor(conn)
+    info = live_group(conn, "g1")
+    sup.run_once()
+    conn.delete(keys.heartbeat("g1", 0))
+    assert sup.run_once().declared and read_shard_map(conn)[1] == {}
+    assert is_fenced(conn, "g1", info.incarnation)
+
+
+# ------------------------------------------------------------------ tpq supervisor
+
+
+def test_cli_once_runs_one_pass(redis_url: str, conn: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TPQ_REDIS_URL", redis_url)
+    monkeypatch.setenv("TPQ_NUM_SHARDS", "8")
+    live_group(conn, "g1")
+    assert cli.main(["--once"]) == 0
+    out = capsys.readouterr().out
+    assert "live groups: g1" in out and "shard map written at epoch 1: 8 shard(s) moved" in out
+    assert conn.get(keys.supervisor_lock()) is None, "--once releases the lock"
+
+
+def test_cli_without_a_redis_url_says_what_to_do(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("TPQ_REDIS_URL", raising=False)
+    assert cli.main(["--once"]) == 2
+    err = capsys.readouterr().err
+    assert "TPQ_REDIS_URL is not set" in err and "tpq up" in err
+
+
+def test_cli_rejects_a_bad_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--interval-s", "0"])
+    assert exit_info.value.code == 2 and "positive number of seconds" in capsys.readouterr().err
