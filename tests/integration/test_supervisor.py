@@ -164,12 +164,13 @@ def test_a_dead_group_is_fenced_its_shards_move_and_its_jobs_go_to_the_front(con
     enqueue(conn, queue_name, "bystander")
     last_beat = time.monotonic()
     beat(conn, g1)
-    while time.monotonic() - last_beat < SETTINGS.heartbeat_ttl_s + 0.3:  # g2 keeps beating, g1 has died
+    while time.monotonic() - last_beat < SETTINGS.heartbeat_ttl_s + 2.0:  # g2 keeps beating, g1 has died
         beat(conn, g2)
         result = sup.run_once()
         if result.declared:
             break
         time.sleep(0.02)
+    assert time.monotonic() - last_beat >= SETTINGS.heartbeat_ttl_s, "not before its heartbeat expired"
     assert list(result.declared) == ["g1"] and "no heartbeat from rank(s) 0" in result.declared["g1"]
     assert is_fenced(conn, "g1", g1.incarnation) and not is_fenced(conn, "g2", g2.incarnation)
     assert read_shard_map(conn)[1] == {s: "g2" for s in range(8)}
@@ -178,7 +179,6 @@ def test_a_dead_group_is_fenced_its_shards_move_and_its_jobs_go_to_the_front(con
     victim = fetch(conn, "victim")
     assert victim.get_status() == JobStatus.QUEUED and victim.retries_left == 1
     assert StartedJobRegistry(queue_name, connection=conn).get_job_ids() == []
-    assert time.monotonic() - last_beat < SETTINGS.heartbeat_ttl_s + 0.3
 
 
 def test_a_hung_group_is_fenced_after_the_hang_timeout(conn: redis.Redis) -> None:
@@ -189,7 +189,7 @@ def test_a_hung_group_is_fenced_after_the_hang_timeout(conn: redis.Redis) -> Non
     start_job(conn, queue_name, "stuck", hung.worker_name)  # its rq execution stays fresh (TTL ~90 s)
     frozen_since = time.monotonic()
     step = 0
-    while time.monotonic() - frozen_since < SETTINGS.hang_timeout_s + 1.0:
+    while time.monotonic() - frozen_since < SETTINGS.hang_timeout_s + 2.0:
         step += 1
         beat(conn, hung, step=7, in_flight=1)
         beat(conn, busy, step=step, in_flight=3)
@@ -199,7 +199,7 @@ def test_a_hung_group_is_fenced_after_the_hang_timeout(conn: redis.Redis) -> Non
         time.sleep(0.05)
     declared_after = time.monotonic() - frozen_since
     assert list(result.declared) == ["hung"] and "step stuck at 7" in result.declared["hung"]
-    assert SETTINGS.hang_timeout_s <= declared_after < SETTINGS.hang_timeout_s + 0.5
+    assert declared_after >= SETTINGS.hang_timeout_s, "not before the hang timeout"
     assert is_fenced(conn, "hung", hung.incarnation) and sup.groups_declared_hung == 1
     assert set(read_shard_map(conn)[1].values()) == {"busy"}
     assert result.requeued == ["stuck"] and queued_ids(conn, queue_name) == ["stuck"]
