@@ -24,8 +24,10 @@ from rq.serializers import JSONSerializer
 from common import keys
 from common.groups import (GroupInfo, fence, is_fenced, make_heartbeat, new_incarnation, read_shard_map,
                            register_group, unregister_group, write_heartbeat)
+from common.jobs import GENERATE_FUNC
 from common.redis_conn import connect
 from common.settings import get_settings
+from gpu_worker.rq_adapter import BatchWorker
 from router import cli, rq_maintenance
 from router.supervisor import Health, HangTracker, Supervisor, classify
 
@@ -421,3 +423,21 @@ def test_cli_rejects_a_bad_interval(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--interval-s", "0"])
     assert exit_info.value.code == 2 and "positive number of seconds" in capsys.readouterr().err
+
+
+def test_the_real_batch_workers_started_jobs_are_requeued(conn: redis.Redis) -> None:
+    """gpu_worker's BatchWorker names its executions after GroupInfo.worker_name: the supervisor finds them."""
+    sup = supervisor(conn)
+    incarnation = new_incarnation()
+    queue_name = keys.shard_queue_name(6)
+    worker = BatchWorker(conn, "g1", incarnation, [queue_name], job_ttl_s=60)
+    register_group(conn, GroupInfo(group="g1", incarnation=incarnation, tp=1, model="tiny", host="test", pid=1,
+                                   worker_name=worker.name, started_at=time.time() - 10))
+    Queue(queue_name, connection=conn, serializer=JSONSerializer).enqueue(
+        GENERATE_FUNC, job_id="batched", retry=Retry(max=2, enqueue_at_front=True))
+    (claimed,) = worker.claim([queue_name], 1)
+    worker.start(claimed.job, claimed.queue)
+    enqueue(conn, queue_name, "behind")
+    result = sup.run_once()  # g1 never beat: dead
+    assert result.requeued == ["batched"] and queued_ids(conn, queue_name) == ["batched", "behind"]
+    assert fetch(conn, "batched").retries_left == 1
