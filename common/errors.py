@@ -32,3 +32,47 @@ class QueueFull(TpqError, RuntimeError):
         self.queue_name = queue_name
         self.depth = depth
         self.limit = limit
+
+
+class JobFailed(TpqError, RuntimeError):
+    """A job ended FAILED, or its token stream ended with an error: ``error`` holds the worker's message."""
+
+    def __init__(self, message: str, *, job_id: str = "", error: str = "") -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.error = error
+
+
+class JobCancelled(TpqError, RuntimeError):
+    """A job was cancelled before any worker started it, so it has no result."""
+
+    def __init__(self, message: str, *, job_id: str = "") -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobNotFound(TpqError, LookupError):
+    """No such job in Redis: never submitted, or its result and token log expired (TPQ_RESULT_TTL_S)."""
+
+    def __init__(self, message: str, *, job_id: str = "") -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class ResultTimeout(TpqError, TimeoutError):
+    """Waiting for a job's result, or for the next event of its token stream, took longer than asked."""
+
+    def __init__(self, message: str, *, job_id: str = "", status: str = "", waited_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.status = status
+        self.waited_s = waited_s
+
+
+class StreamIncomplete(TpqError, RuntimeError):
+    """A job finished but its token log has no end record: it expired or was trimmed; use the result instead."""
+
+    def __init__(self, message: str, *, job_id: str = "", received: int = 0) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.received = received
