@@ -1,4 +1,8 @@
-"""tpqueue's client side: submit generation jobs to Redis (never imports torch)."""
-from producer.client import BatchHandle, Client, JobHandle
+"""tpqueue's client side: submit generation jobs to Redis, stream their tokens, read their results.
 
-__all__ = ["BatchHandle", "Client", "JobHandle"]
+Never imports torch (nor the worker).
+"""
+from producer.client import BatchHandle, Client, JobHandle, Outcome
+from producer.stream import AsyncTokenStream, JobState, TokenStream
+
+__all__ = ["AsyncTokenStream", "BatchHandle", "Client", "JobHandle", "JobState", "Outcome", "TokenStream"]

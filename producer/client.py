@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import redis
 from redis.exceptions import WatchError as _WatchError
 from rq import Queue
 from rq.exceptions import DuplicateJobError
@@ -22,12 +23,23 @@ from rq.job import Job, Retry
 from rq.serializers import JSONSerializer
 
 from common import keys
-from common.errors import InvalidConfigError, InvalidRequestError, QueueFull
-from common.jobs import GENERATE_FUNC, job_kwargs, queue_for, request_from_job_kwargs
+from common.errors import InvalidConfigError, InvalidRequestError, JobNotFound, QueueFull, ResultTimeout, TpqError
+from common.jobs import GENERATE_FUNC, LOG_FIELD, decode_stream_message, job_kwargs, queue_for, request_from_job_kwargs
 from common.redis_conn import connect, redact_url
-from common.results import ChatMessage
+from common.results import ChatMessage, FinishReason, JobResult, StreamEnd
 from common.schemas import GenerationRequest, check_limits, parse_request
 from common.settings import Settings, get_settings
+from common.token_log import queue_messages
+from producer.stream import (
+    IDLE_S,
+    JobState,
+    ResultWatch,
+    TokenStream,
+    check_timeout,
+    job_state,
+    result_timeout,
+    xread_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,8 @@ _BATCH_WATCH_ATTEMPTS = 5
 # WATCH costs O(n^2) in Redis (6.2: ~11 ms for 1k keys, ~0.7 s for 10k), so only
 # batches up to this size are guarded by it; larger ones rely on the EXISTS check.
 _WATCH_MAX_KEYS = 1000
+_XREAD_KEYS = 500  # result streams per multi-key XREAD of a batch
+_CANCEL_ATTEMPTS = 10
 
 
 class JobHandle:
@@ -48,7 +62,7 @@ class JobHandle:
     ``request`` and ``queue_name`` are the existing job's where readable).
     """
 
-    __slots__ = ("_client", "id", "queue_name", "request", "created")
+    __slots__ = ("_client", "id", "queue_name", "request", "created", "_stream")
 
     def __init__(
         self, client: Client, job_id: str, queue_name: str, request: GenerationRequest, created: bool = True
@@ -58,14 +72,64 @@ class JobHandle:
         self.queue_name = queue_name
         self.request = request
         self.created = created
+        self._stream: TokenStream | None = None
 
-    def status(self) -> str:
-        """The rq job status (``"queued"``, ``"started"``, ``"finished"``, ...), or ``"unknown"`` if gone."""
-        raw = self._client.redis.hget(keys.rq_job_key(self.id), "status")
-        return raw.decode() if raw else "unknown"
+    def status(self) -> JobState:
+        """The job's :class:`JobState` now (a ``str`` enum: ``"queued"``, ``"running"``, ...), from rq's status.
+
+        A running job that is cancelled, or whose deadline passes, still ends
+        ``finished`` (its result's ``finish_reason`` says why); ``cancelled``
+        means cancelled while queued. ``unknown``: no such job (or expired).
+        """
+        return job_state(self._client.redis.hget(keys.rq_job_key(self.id), "status"))
+
+    def stream(self, timeout: float | None = None, *, start: int = 0) -> TokenStream:
+        """Iterate the job's :class:`TokenEvent` s: each exactly once, in index order, then stop.
+
+        Works whenever it is called, even after the job finished (the token
+        log is replayed first). ``timeout`` bounds the wait for each next
+        event (:class:`ResultTimeout`); ``start`` skips the tokens before
+        that index (resume). Raises :class:`JobFailed` when the job fails.
+        The returned :class:`TokenStream` has ``end`` (the
+        :class:`StreamEnd`, with ``finish_reason``) once exhausted; close it
+        if you stop early. See :class:`producer.stream.TokenStream`.
+        """
+        opened, self._stream = self._stream, None
+        if opened is not None and start == 0:
+            opened.timeout = timeout
+            return opened
+        if opened is not None:
+            opened.close()
+        return self._client._open_stream(self.id, start=start, timeout=timeout)
+
+    def result(self, timeout: float | None = None) -> JobResult:
+        """Wait for the job's :class:`JobResult` (``timeout`` seconds at most; None: forever).
+
+        Raises :class:`JobFailed` (with the worker's message) for a failed
+        job, :class:`JobCancelled` for a job cancelled while still queued,
+        :class:`JobNotFound` for a job that is gone, and
+        :class:`ResultTimeout` (naming the job and its status) on timeout.
+        A running job that was cancelled returns its partial result with
+        ``finish_reason == "cancelled"``.
+        """
+        return self._client._wait_result(self.id, timeout)
+
+    def cancel(self) -> bool:
+        """Ask for the job to stop; True if it was still queued or running, False if already over or unknown.
+
+        A queued job is cancelled here and now (rq ``Job.cancel``, and its
+        token stream gets a ``cancelled`` end); a running one is stopped by
+        its worker, which ends its stream and result with ``finish_reason ==
+        "cancelled"``. Either way the stream ends cancelled exactly once.
+        """
+        return self._client._cancel(self.id)
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, queue={self.queue_name!r}, created={self.created})"
+
+
+Outcome = JobResult | TpqError
+"""What a job of a batch came to: its :class:`JobResult`, or the error that says why there is none."""
 
 
 class BatchHandle:
@@ -81,6 +145,42 @@ class BatchHandle:
         """The job ids, in submission order."""
         return [h.id for h in self.handles]
 
+    def results(self, timeout: float | None = None) -> Iterator[tuple[JobHandle, Outcome]]:
+        """Yield ``(handle, outcome)`` for every job as it completes (completion order).
+
+        ``outcome`` is the :class:`JobResult`, or the exception that says why
+        there is none (:class:`JobFailed`, :class:`JobCancelled`,
+        :class:`JobNotFound`): it is yielded, not raised. Waits with
+        multi-key XREAD over the jobs' rq result streams (500 keys per
+        call), and checks every pending job's rq status about once a second
+        (cancelled or vanished jobs). Raises :class:`ResultTimeout` when
+        ``timeout`` seconds pass in all with jobs still pending.
+        """
+        if not self.handles:
+            return
+        client = self.handles[0]._client
+        watch = BatchWatch(self.handles, timeout)
+        while watch.pending:
+            if watch.status_due():
+                yield from client._batch_status_pass(watch)
+                continue
+            if watch.timed_out():
+                raise watch.timeout_error()
+            yield from client._batch_wait_pass(watch)
+
+    def wait(self, timeout: float | None = None) -> list[tuple[JobHandle, Outcome]]:
+        """Wait for every job; ``(handle, outcome)`` pairs in submission order (see :meth:`results`)."""
+        outcomes = {id(handle): outcome for handle, outcome in self.results(timeout)}
+        return [(handle, outcomes[id(handle)]) for handle in self.handles]
+
+    def progress(self) -> dict[JobState, int]:
+        """How many of the jobs are in each :class:`JobState` now (every state listed, zeros included)."""
+        counts = dict.fromkeys(JobState, 0)
+        if self.handles:
+            for raw in self.handles[0]._client._raw_statuses(self.ids):
+                counts[job_state(raw)] += 1
+        return counts
+
     def __len__(self) -> int:
         return len(self.handles)
 
@@ -89,6 +189,94 @@ class BatchHandle:
 
     def __repr__(self) -> str:
         return f"BatchHandle({len(self.handles)} jobs)"
+
+
+class BatchWatch:
+    """Waiting for many jobs' outcomes, without I/O: which keys to XREAD, and what the replies mean.
+
+    Shared by :class:`BatchHandle` and its asyncio twin. ``pending`` maps a
+    job id to its handles (usually one).
+    """
+
+    def __init__(self, handles: Iterable[Any], timeout: float | None) -> None:
+        self.pending: dict[str, list[Any]] = {}
+        for handle in handles:
+            self.pending.setdefault(handle.id, []).append(handle)
+        self.watches = {job_id: ResultWatch(job_id) for job_id in self.pending}
+        self.timeout = check_timeout(timeout)
+        self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        self.next_status_at = time.monotonic()
+        self.states: dict[str, JobState] = {}
+        self._quiet_passes = 0
+
+    def chunks(self) -> list[dict[str, Any]]:
+        """XREAD stream arguments ``{rq:results:<id>: last id}`` for the pending jobs, 500 keys each."""
+        items = [(keys.rq_result_key(job_id), self.watches[job_id].last_id) for job_id in self.pending]
+        return [dict(items[i:i + _XREAD_KEYS]) for i in range(0, len(items), _XREAD_KEYS)]
+
+    def block_ms(self) -> int:
+        """How long one blocking XREAD may wait: until the next status pass (or the deadline), >= 1 ms."""
+        until = self.next_status_at if self.deadline is None else min(self.next_status_at, self.deadline)
+        return max(1, int((until - time.monotonic()) * 1000))
+
+    def quiet_pause(self) -> float:
+        """Pause after a non-blocking pass over many chunks found nothing (grows to 0.25 s)."""
+        self._quiet_passes += 1
+        until = self.next_status_at if self.deadline is None else min(self.next_status_at, self.deadline)
+        return max(0.0, min(0.01 * 2 ** min(self._quiet_passes, 5), 0.25, until - time.monotonic()))
+
+    def status_due(self) -> bool:
+        return time.monotonic() >= self.next_status_at
+
+    def timed_out(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def feed_xread(self, responses: Iterable[Any], states: dict[str, JobState] | None = None) -> list[tuple[Any, Outcome]]:
+        """Take XREAD replies (and, on a status pass, every pending job's state): the outcomes now settled.
+
+        Jobs whose result entries arrived are settled in the order of their
+        entries' ids (completion order); then jobs settled by state alone.
+        """
+        touched: list[str] = []
+        for response in responses:
+            for key, entries in xread_items(response):
+                job_id = _text(key)[len(keys.RQ_RESULT_PREFIX):]
+                if job_id in self.watches and entries:
+                    self.watches[job_id].feed(entries)
+                    touched.append(job_id)
+        if states is not None:
+            self.states = states
+            self.next_status_at = time.monotonic() + IDLE_S
+            touched.extend(job_id for job_id in states if job_id not in touched)
+        settled = []
+        for job_id in touched:
+            verdict = self.watches[job_id].verdict(states.get(job_id) if states is not None else None)
+            if verdict is not None and job_id in self.pending:
+                settled.append((_entry_order(self.watches[job_id].last_id), job_id, verdict))
+        settled.sort(key=lambda item: item[0])
+        if settled:
+            self._quiet_passes = 0
+        return [(handle, verdict) for _, job_id, verdict in settled for handle in self.pending.pop(job_id)]
+
+    def timeout_error(self) -> ResultTimeout:
+        """The :class:`ResultTimeout` naming how many jobs are pending and one of them."""
+        job_id = next(iter(self.pending))
+        state = self.states.get(job_id, JobState.UNKNOWN)
+        total = len(self.watches)
+        return ResultTimeout(
+            f"{len(self.pending)} of {total} jobs have no result after {self.timeout:g} s (e.g. job {job_id!r}, "
+            f"status: {state.value}); wait longer, check that worker groups serve their queues, or cancel them",
+            job_id=job_id, status=state.value, waited_s=self.timeout or 0.0,
+        )
+
+
+def _entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return (int(ms), int(seq or 0)) if ms.isdigit() and (seq or "0").isdigit() else (0, 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Client:
@@ -109,6 +297,7 @@ class Client:
             )
         self.url = url
         self.redis = connect(url, client_name="tpq-producer")
+        self._stream_redis: redis.Redis | None = None
         self._queues: dict[str, Queue] = {}
         log.info("tpqueue client for %s (%d shards)", redact_url(url), self.settings.num_shards)
 
@@ -117,6 +306,8 @@ class Client:
     def close(self) -> None:
         """Close the Redis connections."""
         self.redis.close()
+        if self._stream_redis is not None:
+            self._stream_redis.close()
 
     def __enter__(self) -> Client:
         return self
@@ -181,6 +372,7 @@ class Client:
         priority: str | None = None,
         deadline_unix_s: float | None = None,
         wait_s: float = 0.0,
+        subscribe: bool = False,
         **sampling: Any,
     ) -> JobHandle:
         """Validate one request and enqueue it; return its :class:`JobHandle`.
@@ -194,6 +386,13 @@ class Client:
         to ``wait_s`` seconds for room, then raises :class:`QueueFull`.
         Raises :class:`InvalidRequestError` for a bad request, before any
         Redis command.
+
+        ``subscribe=True`` subscribes to the job's token channel *before* the
+        job is enqueued, so no worker can start it before the subscription
+        holds; the next ``handle.stream()`` uses that subscription. This is
+        an optimisation, not needed for correctness: ``stream()`` replays
+        the job's durable token log first, so a stream opened later (even
+        after the job finished) still yields every token once, in order.
         """
         request = self.build_request(
             prompt, messages=messages, session_id=session_id, request_id=request_id,
@@ -210,6 +409,18 @@ class Client:
             return self._existing_handles([request])[0]
         if depth >= self.settings.max_queue_depth:
             self._wait_for_room({queue_name: 1}, wait_s)
+        stream = self._open_stream(request.request_id).open() if subscribe else None
+        try:
+            handle = self._enqueue(request, queue_name)
+        except BaseException:
+            if stream is not None:
+                stream.close()
+            raise
+        handle._stream = stream
+        return handle
+
+    def _enqueue(self, request: GenerationRequest, queue_name: str) -> JobHandle:
+        assert request.request_id is not None
         try:
             # unique=True: rq checks the job key and writes the job in one Lua script.
             self._queue(queue_name).enqueue_call(
@@ -316,6 +527,125 @@ class Client:
             for r in batch
         ]
 
+    # ------------------------------------------------------------ jobs
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle to an existing job by id (submitted by any client or process).
+
+        Raises :class:`JobNotFound` if there is no such job (or it expired),
+        :class:`InvalidRequestError` for a malformed id or a job that holds
+        no tpqueue request.
+        """
+        keys.validate_job_id(job_id)
+        job = Job.fetch_many([job_id], connection=self.redis, serializer=JSONSerializer)[0]
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r} in Redis: never submitted, or it expired", job_id=job_id)
+        request = request_from_job_kwargs(job.kwargs)
+        return JobHandle(self, job_id, job.origin, request, created=False)
+
+    def _open_stream(self, job_id: str, *, start: int = 0, timeout: float | None = None) -> TokenStream:
+        if self._stream_redis is None:
+            # No silent retries on the subscriber: the stream must notice a drop to replay the log.
+            self._stream_redis = connect(self.url, client_name="tpq-stream", retries=0)
+        return TokenStream(self.redis, job_id, pubsub_conn=self._stream_redis, start=start, timeout=timeout)
+
+    def _wait_result(self, job_id: str, timeout: float | None) -> JobResult:
+        timeout = check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watch = ResultWatch(job_id)
+        result_key, job_key = keys.rq_result_key(job_id), keys.rq_job_key(job_id)
+        while True:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(job_key, "status")  # before the read: a FINISHED/FAILED seen here has its entry below
+                pipe.xread({result_key: watch.last_id})
+                raw_status, response = pipe.execute()
+            _feed(watch, response)
+            state = job_state(raw_status)
+            verdict = watch.verdict(state)
+            if isinstance(verdict, JobResult):
+                return verdict
+            if verdict is not None:
+                raise verdict
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise result_timeout(job_id, state, timeout)  # type: ignore[arg-type]
+            wait_s = IDLE_S if left is None else min(IDLE_S, left)
+            _feed(watch, self.redis.xread({result_key: watch.last_id}, block=max(1, int(wait_s * 1000))))
+            if isinstance(verdict := watch.verdict(), JobResult):
+                return verdict
+
+    def _cancel(self, job_id: str) -> bool:
+        """See :meth:`JobHandle.cancel`: flag it; cancel it here if it is still in its queue."""
+        job_key, log_key = keys.rq_job_key(job_id), keys.token_log(job_id)
+        for _attempt in range(_CANCEL_ATTEMPTS):
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.watch(job_key, log_key)
+                raw_status, origin = pipe.hmget(job_key, "status", "origin")
+                state = job_state(raw_status)
+                if state.is_terminal:
+                    return False
+                pipe.set(keys.cancel_flag(job_id), "1", ex=self.settings.result_ttl_s)
+                if state is JobState.RUNNING or not self._still_in_queue(pipe, job_id, raw_status, origin):
+                    return True  # a worker has it (or is taking it): it sees the flag and ends the job
+                end = _cancel_end(job_id, pipe.xrevrange(log_key, count=1))
+                job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+                pipe.multi()
+                job.cancel(pipeline=pipe)  # status CANCELED, out of its queue, into rq's CanceledJobRegistry
+                pipe.expire(job_key, self.settings.failure_ttl_s)  # rq would keep a cancelled job forever
+                if end is not None:
+                    queue_messages(pipe, [end], self.settings.token_log_maxlen, self.settings.token_log_ttl_s)
+                try:
+                    replies = pipe.execute(raise_on_error=False)
+                except _WatchError:
+                    continue  # a worker took it, or it changed: look again
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        log.warning("cancelling job %s: a write was refused: %s", job_id, reply)
+                log.debug("cancelled queued job %s", job_id)
+                return True
+        log.info("job %s kept changing while being cancelled; its worker will stop it (cancel flag set)", job_id)
+        return True
+
+    @staticmethod
+    def _still_in_queue(pipe: Any, job_id: str, raw_status: bytes | None, origin: bytes | None) -> bool:
+        """True if no worker can hold the job: in its rq queue (WATCHed from here), or deferred/scheduled."""
+        if raw_status != b"queued":
+            return True  # created, deferred or scheduled: in no queue a worker takes from
+        if origin is None:
+            return False
+        queue_key = keys.rq_queue_key(origin.decode())
+        pipe.watch(queue_key)  # a worker moving the id out of the queue now aborts the transaction
+        return pipe.lpos(queue_key, job_id) is not None
+
+    def _batch_status_pass(self, watch: BatchWatch) -> list[tuple[JobHandle, Outcome]]:
+        ids = list(watch.pending)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.rq_job_key(job_id), "status")  # before the reads, as in _wait_result
+            for chunk in watch.chunks():
+                pipe.xread(chunk)
+            replies = pipe.execute()
+        states = {job_id: job_state(raw) for job_id, raw in zip(ids, replies)}
+        return watch.feed_xread(replies[len(ids):], states)
+
+    def _batch_wait_pass(self, watch: BatchWatch) -> list[tuple[JobHandle, Outcome]]:
+        chunks = watch.chunks()
+        if len(chunks) == 1:
+            return watch.feed_xread([self.redis.xread(chunks[0], block=watch.block_ms())])
+        with self.redis.pipeline(transaction=False) as pipe:
+            for chunk in chunks:
+                pipe.xread(chunk)
+            settled = watch.feed_xread(pipe.execute())
+        if not settled:
+            time.sleep(watch.quiet_pause())
+        return settled
+
+    def _raw_statuses(self, job_ids: list[str]) -> list[bytes | None]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(keys.rq_job_key(job_id), "status")
+            return pipe.execute()
+
     # ------------------------------------------------------------ helpers
 
     def _queue(self, name: str) -> Queue:
@@ -375,6 +705,26 @@ class Client:
                     log.warning("job %s exists but holds no readable tpqueue request", job.id)
             handles.append(JobHandle(self, submitted.request_id, queue_name, request, created=False))  # type: ignore[arg-type]
         return handles
+
+
+def _feed(watch: ResultWatch, response: Any) -> None:
+    for _key, entries in xread_items(response):
+        watch.feed(entries)
+
+
+def _cancel_end(job_id: str, last: list[Any]) -> StreamEnd | None:
+    """The end record a client writes for a job cancelled in its queue; None if its log already ended.
+
+    ``num_tokens`` counts the tokens an earlier attempt already logged (a
+    requeued job), so the end lands right after them.
+    """
+    num_tokens = 0
+    if last:
+        message = decode_stream_message(last[0][1][LOG_FIELD.encode()])
+        if isinstance(message, StreamEnd):
+            return None
+        num_tokens = message.index + 1
+    return StreamEnd(request_id=job_id, num_tokens=num_tokens, finish_reason=FinishReason.CANCELLED)
 
 
 def _description(request: GenerationRequest) -> str:
