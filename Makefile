@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/tpq model fetch
-	$(BIN)/tpq local --stream "In two sentences, why do language model servers batch requests?"
+	$(BIN)/tpq demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

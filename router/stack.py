@@ -44,6 +44,7 @@ class StackOptions:
     tp: int = 1
     worker_args: list[str] = field(default_factory=list)
     group_prefix: str = "g"
+    log_level: str | None = None  # TPQ_LOG_LEVEL of the stack's processes (default: inherited)
 
 
 class LocalStack:
@@ -138,6 +139,8 @@ class LocalStack:
 
     def _spawn(self, tpq_args: list[str]) -> subprocess.Popen:
         env = dict(os.environ, TPQ_REDIS_URL=self.redis_url)
+        if self.options.log_level:
+            env["TPQ_LOG_LEVEL"] = self.options.log_level
         return subprocess.Popen([sys.executable, "-m", "common.cli", *tpq_args], env=env)
 
     def _keep_supervisor(self) -> None:

@@ -137,6 +137,7 @@ class JobPump(threading.Thread):
         if now >= self._next_control:
             self._next_control = now + CONTROL_PERIOD_S
             self._abort_cancelled_and_late()
+            self._follow_shard_map()
         if now >= self._next_keepalive:
             self._next_keepalive = now + self.settings.heartbeat_interval_s
             self._keep_alive()
@@ -216,6 +217,12 @@ class JobPump(threading.Thread):
             self.worker.started.clear()
             raise Fenced(f"group {self.group} incarnation {self.incarnation} was fenced by the supervisor; stopping")
         self.worker.keep_alive()
+
+    def _follow_shard_map(self) -> None:
+        """Listen on the shards the map gives this group (one GET unless the epoch moved)."""
+        epoch = int(self.conn.get(keys.shard_map_epoch()) or 0)
+        if epoch == self._epoch:
+            return
         epoch, shard_map = read_shard_map(self.conn)
         if epoch != self._epoch:
             self._epoch = epoch

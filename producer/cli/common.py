@@ -1,0 +1,32 @@
+"""What the client commands share: finding Redis, sampling options, and error exits."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from common.settings import Settings, get_settings
+from common.stack_info import redis_url_for
+from producer.client import Client
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling keywords of ``Client.submit`` that the command line set."""
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    for name in ("top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    return options
+
+
+def open_client(command: str) -> tuple[Client, Settings]:
+    """A client of ``TPQ_REDIS_URL``, else of the running ``tpq up`` stack (clear error when neither)."""
+    settings = get_settings()
+    return Client(redis_url_for(settings, command), settings=settings), settings
