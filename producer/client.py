@@ -1,10 +1,16 @@
-"""The synchronous tpqueue client: validate generation requests and enqueue them as rq jobs.
+"""The synchronous tpqueue client: enqueue generation requests as rq jobs, then read what they produce.
 
 Every request is validated (schema and deployment limits) before Redis is
 touched. Jobs go on ``gen.<shard>`` for a session, ``batch`` without one,
 serialized as JSON (never pickle), with explicit result/failure TTLs and a
 ``Retry`` that requeues at the front. Job ids are idempotency keys:
 submitting an id that already exists returns a handle to the existing job.
+
+A :class:`JobHandle` streams the job's tokens (:mod:`producer.stream`:
+pub/sub checked against the durable token log, so every token arrives once,
+in order, whenever the stream is opened), waits for its rq result, reports
+its :class:`JobState` and cancels it. A :class:`BatchHandle` waits for many
+results at once with multi-key XREAD over rq's result streams.
 """
 from __future__ import annotations
 
@@ -237,17 +243,17 @@ class BatchWatch:
         Jobs whose result entries arrived are settled in the order of their
         entries' ids (completion order); then jobs settled by state alone.
         """
-        touched: list[str] = []
+        touched: dict[str, None] = {}  # ordered set
         for response in responses:
             for key, entries in xread_items(response):
                 job_id = _text(key)[len(keys.RQ_RESULT_PREFIX):]
                 if job_id in self.watches and entries:
                     self.watches[job_id].feed(entries)
-                    touched.append(job_id)
+                    touched[job_id] = None
         if states is not None:
             self.states = states
             self.next_status_at = time.monotonic() + IDLE_S
-            touched.extend(job_id for job_id in states if job_id not in touched)
+            touched.update(dict.fromkeys(states))
         settled = []
         for job_id in touched:
             verdict = self.watches[job_id].verdict(states.get(job_id) if states is not None else None)

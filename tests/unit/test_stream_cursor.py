@@ -159,6 +159,9 @@ def test_result_entries_decode(fake_redis):
     save_result(fake_redis, JOB, Result.Type.SUCCESSFUL, {"not": "a result"})
     ok, failed, retried, foreign = (decode_result_entry(JOB, i, f) for i, f in entries(fake_redis))
     assert ok == job_result()
+    entry_id, fields = entries(fake_redis)[0]  # the fast path for successes reads rq's format as rq does
+    restored = Result.restore(JOB, entry_id.decode(), fields, connection=fake_redis, serializer=JSONSerializer)
+    assert JobResult.model_validate(restored.return_value) == ok
     assert isinstance(failed, JobFailed) and str(failed) == f"job '{JOB}' failed: ValueError: no"
     assert failed.error.startswith("Traceback")
     assert retried is None
