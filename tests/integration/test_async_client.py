@@ -116,7 +116,7 @@ def test_cancel_while_queued_and_timeouts(redis_url):
             await waiting.result(timeout=0.2)
         with pytest.raises(ResultTimeout, match="no token event"):
             await collect(waiting.stream(timeout=0.2))
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started >= 0.4
         assert await waiting.cancel() is True
         assert await waiting.status() == JobState.CANCELLED
         with pytest.raises(JobCancelled):
