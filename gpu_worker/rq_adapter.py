@@ -411,6 +411,7 @@ class BatchWorker(BaseWorker):
         """Put a started job back at the front of its queue without using up a retry (a clean shutdown)."""
         started = self.started.pop(job_id)
         with self.connection.pipeline(transaction=True) as pipe:
+            pipe.multi()  # rq's enqueue_job would otherwise try to WATCH after commands were queued
             self.execution = started.execution
             self.cleanup_execution(started.job, pipeline=pipe)
             started.job.set_status(JobStatus.QUEUED, pipeline=pipe)

@@ -42,6 +42,9 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, parse_composite_key
 from rq.worker_registration import clean_worker_registry
 
+from common import keys
+from common.groups import FENCED_FIELD
+
 log = logging.getLogger(__name__)
 
 CLAIM_ATTEMPTS = 5
@@ -310,3 +313,34 @@ def clean_intermediate_queue(conn: redis.Redis, queue_name: str) -> int:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# KEYS[1]: the group's claimed list, KEYS[2]: its group hash. ARGV: the fenced incarnation, the fence field,
+# rq's job-hash prefix, rq's queue-key prefix. Only while that incarnation is still the fenced one (a
+# restarted group clears the fence and returns its claims itself), move every claimed id back to the
+# front of its queue. Nothing is lost if the supervisor dies midway: the script is atomic.
+_RETURN_CLAIMED = """
+if redis.call('HGET', KEYS[2], ARGV[2]) ~= ARGV[1] then return 0 end
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+local moved = 0
+for i = #ids, 1, -1 do
+  local origin = redis.call('HGET', ARGV[3] .. ids[i], 'origin')
+  if origin then
+    redis.call('LPUSH', ARGV[4] .. origin, ids[i])
+    moved = moved + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return moved
+"""
+
+
+def return_claimed_jobs(conn: redis.Redis, group: str, incarnation: str) -> int:
+    """Put the job ids a fenced incarnation claimed but never started back at the front of their queues.
+
+    Returns how many were returned (0 when the incarnation is no longer the
+    fenced one: its group restarted and returns its claims itself).
+    """
+    script = conn.register_script(_RETURN_CLAIMED)
+    return int(script(keys=[keys.claimed_jobs(group), keys.group_info(group)],
+                      args=[incarnation, FENCED_FIELD, keys.RQ_JOB_PREFIX, keys.RQ_QUEUE_PREFIX]))

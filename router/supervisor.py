@@ -354,6 +354,10 @@ class Supervisor:
         why = (f"worker group {info.group} (incarnation {info.incarnation}) was declared dead by the "
                f"supervisor: {reason}")
         report = rq_maintenance.requeue_worker_jobs(self.conn, self.queue_names, info.worker_name, why)
+        returned = rq_maintenance.return_claimed_jobs(self.conn, info.group, info.incarnation)
+        if returned:
+            log.info("group %s (incarnation %s): %d claimed but unstarted job(s) put back on their queues",
+                     info.group, info.incarnation, returned)
         self.jobs_requeued += len(report.requeued)
         self.jobs_failed += len(report.failed)
         result.requeued += report.requeued

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CONTROL_PERIOD_S = 0.1
 CLAIM_BATCH = 16
 POLL_MIN_S, POLL_MAX_S = 0.002, 0.02
+NO_MAP_WARNING_S = 10.0  # a supervisor starting beside the group writes the map within seconds
 BATCH_RESERVE_FRACTION = 0.25  # of max_in_flight, kept free of batch jobs for interactive sessions
 
 
@@ -79,6 +80,7 @@ class JobPump(threading.Thread):
         self._epoch = -1
         self._next_control = self._next_keepalive = 0.0
         self._warned_no_map = False
+        self._created = time.monotonic()
         self.error: BaseException | None = None
         self.finished_jobs = self.failed_jobs = 0
 
@@ -220,18 +222,15 @@ class JobPump(threading.Thread):
 
     def _follow_shard_map(self) -> None:
         """Listen on the shards the map gives this group (one GET unless the epoch moved)."""
-        epoch = int(self.conn.get(keys.shard_map_epoch()) or 0)
-        if epoch == self._epoch:
-            return
-        epoch, shard_map = read_shard_map(self.conn)
-        if epoch != self._epoch:
+        if int(self.conn.get(keys.shard_map_epoch()) or 0) != self._epoch:
+            epoch, shard_map = read_shard_map(self.conn)
             self._epoch = epoch
             owned = shards_of(shard_map, self.group)
             self._shard_queues = [keys.shard_queue_name(s) for s in owned]
             self.worker.set_queues(self._shard_queues + [keys.BATCH_QUEUE])
             log.info("group %s listens on %d shard queue(s) and 'batch' (shard map epoch %d)",
                      self.group, len(owned), epoch)
-        if epoch == 0 and not self._warned_no_map:
+        if self._epoch == 0 and not self._warned_no_map and time.monotonic() - self._created > NO_MAP_WARNING_S:
             self._warned_no_map = True
             log.warning("no shard map in Redis yet: only the 'batch' queue is served until a supervisor "
                         "(tpq supervisor, or tpq up) assigns session shards")

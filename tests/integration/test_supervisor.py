@@ -183,6 +183,30 @@ def test_a_dead_group_is_fenced_its_shards_move_and_its_jobs_go_to_the_front(con
     assert StartedJobRegistry(queue_name, connection=conn).get_job_ids() == []
 
 
+def test_a_dead_groups_claimed_but_unstarted_jobs_go_back_to_their_queue(conn: redis.Redis) -> None:
+    sup = supervisor(conn)
+    g1, g2 = live_group(conn, "g1"), live_group(conn, "g2")
+    sup.run_once()
+    queue_name = keys.shard_queue_name(shard_of(conn, "g1"))
+    for job_id in ("claimed-a", "claimed-b", "waiting"):
+        enqueue(conn, queue_name, job_id)
+    for _ in range(2):  # what BatchWorker.claim does: LMOVE from the queue's front into the claimed list
+        conn.lmove(keys.rq_queue_key(queue_name), keys.claimed_jobs("g1"), "LEFT", "RIGHT")
+    last_beat = time.monotonic()
+    while time.monotonic() - last_beat < SETTINGS.heartbeat_ttl_s + 2.0:
+        beat(conn, g2)
+        if sup.run_once().declared:
+            break
+        time.sleep(0.02)
+    assert is_fenced(conn, "g1", g1.incarnation)
+    assert queued_ids(conn, queue_name) == ["claimed-a", "claimed-b", "waiting"]
+    assert conn.llen(keys.claimed_jobs("g1")) == 0
+    register(conn, "g1")  # a restarted g1 clears the fence: the supervisor leaves its new claims alone
+    conn.lmove(keys.rq_queue_key(queue_name), keys.claimed_jobs("g1"), "LEFT", "RIGHT")
+    assert rq_maintenance.return_claimed_jobs(conn, "g1", g1.incarnation) == 0
+    assert conn.llen(keys.claimed_jobs("g1")) == 1
+
+
 def test_a_hung_group_is_fenced_after_the_hang_timeout(conn: redis.Redis) -> None:
     sup = supervisor(conn)
     hung, busy = live_group(conn, "hung"), live_group(conn, "busy")

@@ -1,0 +1,110 @@
+"""gpu_worker.rq_adapter.BatchWorker against a real redis-server: rq's own registries tell the truth."""
+from __future__ import annotations
+
+import redis
+import pytest
+from rq import Queue, Retry, Worker
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from common import keys
+from common.jobs import GENERATE_FUNC
+from gpu_worker.rq_adapter import BatchWorker
+
+QUEUE = keys.shard_queue_name(3)
+
+
+@pytest.fixture
+def conn(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def enqueue(conn, job_id: str, queue_name: str = QUEUE) -> Job:
+    queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
+    return queue.enqueue_call(GENERATE_FUNC, kwargs={"request": {}}, job_id=job_id,
+                              retry=Retry(max=2, enqueue_at_front=True), failure_ttl=3600)
+
+
+def queued(conn, queue_name: str = QUEUE) -> list[str]:
+    return [i.decode() for i in conn.lrange(keys.rq_queue_key(queue_name), 0, -1)]
+
+
+def worker(conn, incarnation: str = "inc1") -> BatchWorker:
+    w = BatchWorker(conn, "g0", incarnation, [QUEUE, keys.BATCH_QUEUE], job_ttl_s=5)
+    w.register()
+    return w
+
+
+def test_claim_takes_urgent_queues_first_and_records_claims(conn):
+    for i in range(3):
+        enqueue(conn, f"b{i}", keys.BATCH_QUEUE)
+    enqueue(conn, "s0")
+    w = worker(conn)
+    claimed = w.claim([QUEUE, keys.BATCH_QUEUE], limit=2)
+    assert [(c.job_id, c.queue.name) for c in claimed] == [("s0", QUEUE), ("b0", keys.BATCH_QUEUE)]
+    assert [c.job.id for c in claimed] == ["s0", "b0"]
+    assert conn.lrange(keys.claimed_jobs("g0"), 0, -1) == [b"s0", b"b0"]
+    assert queued(conn, keys.BATCH_QUEUE) == ["b1", "b2"]
+
+
+def test_start_succeed_shows_in_rqs_registries_and_counts(conn):
+    enqueue(conn, "j1")
+    w = worker(conn)
+    [item] = w.claim([QUEUE], 4)
+    started = w.start(item.job, item.queue)
+    assert started.attempt == 1
+    assert conn.llen(keys.claimed_jobs("g0")) == 0
+    assert StartedJobRegistry(QUEUE, connection=conn).get_job_ids() == ["j1"]
+    assert Job.fetch("j1", connection=conn, serializer=JSONSerializer).get_status() == JobStatus.STARTED
+    w.keep_alive()
+    w.succeed("j1", {"answer": 42})
+    job = Job.fetch("j1", connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.FINISHED and job.latest_result().return_value == {"answer": 42}
+    assert FinishedJobRegistry(QUEUE, connection=conn).get_job_ids() == ["j1"]
+    assert StartedJobRegistry(QUEUE, connection=conn).get_job_ids() == []
+    [rq_worker] = [x for x in Worker.all(connection=conn) if x.name == w.name]
+    assert rq_worker.successful_job_count == 1
+
+
+def test_fail_without_retry_is_final_and_with_retry_goes_to_the_front(conn):
+    enqueue(conn, "bad")
+    enqueue(conn, "flaky")
+    enqueue(conn, "other")
+    w = worker(conn)
+    bad, flaky = w.claim([QUEUE], 2)
+    w.fail(bad.job, bad.queue, "ValueError: a bad request", retry=False)
+    started = w.start(flaky.job, flaky.queue)
+    w.fail(started.job, started.queue, "the group failed", retry=True)
+    assert Job.fetch("bad", connection=conn, serializer=JSONSerializer).get_status() == JobStatus.FAILED
+    assert "a bad request" in Job.fetch("bad", connection=conn, serializer=JSONSerializer).latest_result().exc_string
+    assert FailedJobRegistry(QUEUE, connection=conn).get_job_ids() == ["bad"]
+    assert queued(conn) == ["flaky", "other"]
+    assert Job.fetch("flaky", connection=conn, serializer=JSONSerializer).retries_left == 1
+
+
+def test_requeue_on_a_clean_stop_keeps_the_retries(conn):
+    enqueue(conn, "r1")
+    enqueue(conn, "r2")
+    w = worker(conn)
+    [item] = w.claim([QUEUE], 1)
+    w.start(item.job, item.queue)
+    w.requeue("r1")
+    job = Job.fetch("r1", connection=conn, serializer=JSONSerializer)
+    assert queued(conn) == ["r1", "r2"]
+    assert job.get_status() == JobStatus.QUEUED and job.retries_left == 2
+    assert StartedJobRegistry(QUEUE, connection=conn).get_job_ids() == []
+    [again] = worker(conn, "inc2").claim([QUEUE], 1)
+    assert again.job_id == "r1"
+
+
+def test_a_restarted_group_returns_what_its_predecessor_claimed(conn):
+    for i in range(3):
+        enqueue(conn, f"c{i}")
+    worker(conn, "old").claim([QUEUE], 2)  # then the process died before starting them
+    assert queued(conn) == ["c2"]
+    assert worker(conn, "new").return_claimed() == 2
+    assert queued(conn) == ["c0", "c1", "c2"]
+    assert conn.llen(keys.claimed_jobs("g0")) == 0
