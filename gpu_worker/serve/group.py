@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_GROUP_FAILED = 1
 EXIT_FENCED = 3
+STUCK_EXIT_S = 10.0  # how long the decode loop may take to notice a stop once the job pump has ended
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
     disable_pickle()  # after the ranks started (their start-up handshake unpickles); no job can bring pickle
     publisher = pump = beat = None
     code = EXIT_OK
+    loop_done = threading.Event()
     conn = connect(redis_url, client_name=f"tpq-group-{options.group}")
     try:
         publisher = Publisher(redis_url, settings.token_log_maxlen, settings.token_log_ttl_s,
@@ -79,7 +81,7 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
         beat.start()
         publisher.start()
         pump.start()
-        _stop_when_thread_ends(pump, stop)
+        _stop_when_thread_ends(pump, stop, loop_done)
         log.info("group %s ready: worker %s", options.group, pump.worker.name)
         loop.run(stop)
         if isinstance(pump.error, Fenced):
@@ -90,6 +92,7 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
         log.error("group %s failed: %s", options.group, exc)
         code = EXIT_GROUP_FAILED
     finally:
+        loop_done.set()
         if publisher is not None and publisher.is_alive():
             publisher.close()  # write what the engine produced, so finished jobs complete
         if pump is not None and pump.is_alive():
@@ -114,9 +117,18 @@ def install_stop_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _stop_when_thread_ends(thread: threading.Thread, stop: threading.Event) -> None:
+def _stop_when_thread_ends(pump: JobPump, stop: threading.Event, loop_done: threading.Event) -> None:
+    """When the job pump ends on its own (fenced, or Redis gone), stop the decode loop; if the loop is
+    stuck in a collective with a hung rank and cannot notice, exit the process: the launcher then kills
+    every rank of the group and starts it again."""
     def watch() -> None:
-        thread.join()
+        pump.join()
         stop.set()
+        if loop_done.wait(STUCK_EXIT_S):
+            return
+        code = EXIT_FENCED if isinstance(pump.error, Fenced) else EXIT_GROUP_FAILED
+        log.error("the decode loop did not stop within %.0f s of the job pump ending (a rank is hung?); "
+                  "exiting with code %d so the launcher restarts the group", STUCK_EXIT_S, code)
+        os._exit(code)
 
-    threading.Thread(target=watch, name=f"watch-{thread.name}", daemon=True).start()
+    threading.Thread(target=watch, name="watch-job-pump", daemon=True).start()

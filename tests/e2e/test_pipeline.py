@@ -21,30 +21,9 @@ from rq.serializers import DefaultSerializer, JSONSerializer
 
 from common import keys
 from common.groups import read_groups, read_heartbeats
-from common.results import JobResult, TokenEvent
 from common.sampling import SamplingParams
 from producer import Client
-
-RESULT_TIMEOUT_S = 240
-
-
-def collect(handles, timeout: float = RESULT_TIMEOUT_S) -> dict[str, tuple[list[TokenEvent], JobResult]]:
-    """Every handle's streamed events and result, read concurrently (one thread per stream)."""
-    def one(handle):
-        events = list(handle.stream(timeout=timeout))
-        return handle.id, (events, handle.result(timeout=timeout))
-
-    with ThreadPoolExecutor(max_workers=min(32, len(handles))) as pool:
-        return dict(pool.map(one, handles))
-
-
-def assert_streams_match_results(outcomes: dict[str, tuple[list[TokenEvent], JobResult]]) -> None:
-    for job_id, (events, result) in outcomes.items():
-        assert [e.index for e in events] == list(range(len(events))), f"{job_id}: gap or duplicate in the stream"
-        assert [e.token_id for e in events] == result.token_ids, f"{job_id}: streamed tokens differ from the result"
-        assert "".join(e.text for e in events) == result.text, f"{job_id}: streamed text differs from the result"
-        assert result.request_id == job_id
-
+from tests.pipeline_checks import RESULT_TIMEOUT_S, assert_streams_match_results, collect
 
 def offline_greedy(model: str, prompts: list[str], max_tokens: int, tp: int = 1) -> list[list[int]]:
     from gpu_worker.offline import Engine
