@@ -6,12 +6,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63 - 1
+MIN_TEMPERATURE = 1e-5  # smaller, non-zero temperatures overflow the scaled logits to inf (NaN probabilities)
 
 
 class SamplingParams(BaseModel):
     """How to pick each next token and when to stop.
 
-    ``temperature == 0`` is greedy decoding. ``top_k == 0`` and ``top_p == 1``
+    ``temperature == 0`` is greedy decoding; any other temperature must be at
+    least ``MIN_TEMPERATURE`` (1e-5). ``top_k == 0`` and ``top_p == 1``
     disable those filters. A ``seed`` makes a sampled request reproducible on
     its own, whatever else shares its batch.
     """
@@ -26,6 +28,14 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = Field((), max_length=MAX_STOP_STRINGS)
     stop_token_ids: tuple[int, ...] = Field((), max_length=MAX_STOP_STRINGS)
     ignore_eos: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_is_usable(cls, temperature: float) -> float:
+        if 0.0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}; smaller values "
+                             "overflow the model's scaled logits")
+        return temperature
 
     @field_validator("stop")
     @classmethod

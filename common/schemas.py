@@ -12,6 +12,8 @@ from common.sampling import SamplingParams
 from common.settings import Settings
 
 Priority = Literal["interactive", "batch"]
+MAX_MESSAGES = 4096
+"""Most turns in one chat: empty messages count no characters, but each costs template text and tokens."""
 
 _FIELDS_AT: dict[str, tuple[str, ...]] = {}  # filled below: parent location -> accepted field names
 
@@ -34,7 +36,7 @@ class GenerationRequest(BaseModel):
 
     request_id: str | None = None
     prompt: str | None = Field(None, min_length=1)
-    messages: tuple[ChatMessage, ...] | None = Field(None, min_length=1)
+    messages: tuple[ChatMessage, ...] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     session_id: str | None = None
     sampling: SamplingParams = SamplingParams()
     priority: Priority = "batch"
