@@ -68,12 +68,30 @@ class GenerationRequest(BaseModel):
             raise ValueError("give a prompt (text) or messages (a chat); neither was given")
         return self
 
+    @model_validator(mode="after")
+    def _text_is_valid_unicode(self) -> GenerationRequest:
+        texts = [("prompt", self.prompt), ("session_id", self.session_id)]
+        texts += [(f"messages.{i}.content", m.content) for i, m in enumerate(self.messages or ())]
+        texts += [(f"sampling.stop.{i}", s) for i, s in enumerate(self.sampling.stop)]
+        for where, text in texts:
+            if text is not None and not _encodes_as_utf8(text):
+                raise ValueError(f"{where}: holds a lone surrogate, which is not valid Unicode; send UTF-8 text")
+        return self
+
     @property
     def input_chars(self) -> int:
         """Characters of input: the prompt's, or the sum of the messages' contents."""
         if self.prompt is not None:
             return len(self.prompt)
         return sum(len(m.content) for m in self.messages or ())
+
+
+def _encodes_as_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _FIELDS_AT.update({
