@@ -1,16 +1,17 @@
 """``tpq``: one command, many subcommands, each living beside the code it drives.
 
 A subcommand's module is imported only when it runs, so client commands
-never import torch.
+never import torch. Options before the command apply to every tpq process
+it starts: ``--log-format json`` (or ``TPQ_LOG_FORMAT=json``) makes each of
+them log one JSON object per line, ``--log-level`` sets ``TPQ_LOG_LEVEL``.
 """
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+from common.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 # subcommand -> (module with a ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -24,17 +25,48 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "batch": ("producer.cli.batch", "run a JSONL file of requests as an offline batch, resumably"),
     "status": ("producer.cli.status", "show groups, ranks, shards, queues and jobs (--json for tools)"),
     "supervisor": ("router.cli", "run the recovery supervisor: shard map, dead and hung groups, rq cleanup"),
+    "health": ("producer.cli.health", "check the deployment (or one group): exit 0 when healthy, 1 with the reason"),
+}
+
+# global option -> (environment variable it sets for this process and its children, valid values)
+GLOBAL_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "--log-format": ("TPQ_LOG_FORMAT", LOG_FORMATS),
+    "--log-level": ("TPQ_LOG_LEVEL", LOG_LEVELS),
 }
 
 
 def usage() -> str:
-    lines = ["usage: tpq <command> [options]   (tpq <command> --help for a command's options)", "", "commands:"]
+    lines = ["usage: tpq [--log-format text|json] [--log-level LEVEL] <command> [options]",
+             "       (tpq <command> --help for a command's options)", "", "commands:"]
     lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 
+def split_global_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``({env var: value}, rest)`` for the global options at the front of ``argv``; ValueError if bad."""
+    found: dict[str, str] = {}
+    rest = list(argv)
+    while rest and rest[0].split("=", 1)[0] in GLOBAL_OPTIONS:
+        option, sep, value = rest.pop(0).partition("=")
+        if not sep:
+            if not rest:
+                raise ValueError(f"{option} needs a value")
+            value = rest.pop(0)
+        env_var, choices = GLOBAL_OPTIONS[option]
+        value = value.upper() if env_var == "TPQ_LOG_LEVEL" else value.lower()
+        if value not in choices:
+            raise ValueError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+        found[env_var] = value
+    return found, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        env, argv = split_global_options(argv)
+    except ValueError as exc:
+        print(f"tpq: {exc}\n\n{usage()}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -42,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"tpq: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    level = os.environ.get("TPQ_LOG_LEVEL", "INFO").upper()  # validated with the other settings later
-    logging.basicConfig(level=level if level in LOG_LEVELS else "INFO",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("rq.worker").setLevel(logging.WARNING)  # tpqueue logs each job's lifecycle itself
+    os.environ.update(env)  # the processes this command starts (groups, ranks, supervisor) log the same way
+    configure_logging()
     module = importlib.import_module(SUBCOMMANDS[command][0])
     return module.main(rest)
 

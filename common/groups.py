@@ -36,7 +36,7 @@ FENCED_FIELD = "fenced"
 
 class Heartbeat(BaseModel):
     """One rank's liveness record. ``step`` counts forward passes this rank ran; ``in_flight`` is
-    the number of jobs the group holds (rank 0 knows it; other ranks write 0)."""
+    the number of jobs the group holds (rank 0 knows it and the engine figures; other ranks write 0)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +48,13 @@ class Heartbeat(BaseModel):
     step: int = Field(ge=0)
     in_flight: int = Field(0, ge=0)
     ts: float = Field(description="Unix time the heartbeat was written.")
+    tokens: int = Field(0, ge=0, description="Tokens the group sampled since this incarnation started (rank 0).")
+    running: int = Field(0, ge=0, description="Sequences in the engine's running batch (rank 0).")
+    waiting: int = Field(0, ge=0, description="Sequences waiting in the engine's scheduler (rank 0).")
+    steps_per_s: float = Field(0.0, ge=0, description="Steps per second over the last few heartbeats.")
+    tokens_per_s: float = Field(0.0, ge=0, description="Sampled tokens per second over the last few heartbeats.")
+    stalled_s: float = Field(
+        0.0, ge=0, description="Seconds ``step`` has not advanced while the group held jobs (0 if it advances or idles).")
 
 
 class GroupInfo(BaseModel):
@@ -75,10 +82,11 @@ def hostname() -> str:
     return socket.gethostname()
 
 
-def make_heartbeat(group: str, rank: int, incarnation: str, step: int, in_flight: int = 0) -> Heartbeat:
-    """A heartbeat of this process, stamped now."""
+def make_heartbeat(group: str, rank: int, incarnation: str, step: int, in_flight: int = 0, **load: Any) -> Heartbeat:
+    """A heartbeat of this process, stamped now; ``load``: the optional figures (``tokens``, ``running``,
+    ``waiting``, ``steps_per_s``, ``tokens_per_s``, ``stalled_s``)."""
     return Heartbeat(group=group, rank=rank, incarnation=incarnation, pid=os.getpid(), host=hostname(),
-                     step=step, in_flight=in_flight, ts=time.time())
+                     step=step, in_flight=in_flight, ts=time.time(), **load)
 
 
 def write_heartbeat(conn: Any, heartbeat: Heartbeat, ttl_s: float) -> None:

@@ -28,6 +28,8 @@ shard_map_epoch()      ``tpq:shardepoch``               string (INCR): epoch fen
 supervisor_lock()      ``tpq:lock:supervisor``          string (SET NX PX): one active supervisor
 claimed_jobs(g)        ``tpq:claimed:<g>``              list: job ids group ``g`` took off a queue
                                                         and has not yet started (crash-safe dequeue)
+job_counter(c)         ``tpq:count:<c>``                hash: queue name -> jobs counted by clients
+                                                        (``enqueued``, ``cancelled`` while queued)
 =====================  ===============================  ==========================================
 
 ``<s>`` is a shard number in ``[0, num_shards)``; ``<j>`` a job id (see
@@ -69,6 +71,8 @@ SHARD_MAP = "tpq:shardmap"
 SHARD_MAP_EPOCH = "tpq:shardepoch"
 SUPERVISOR_LOCK = "tpq:lock:supervisor"
 CLAIMED_JOBS_PREFIX = "tpq:claimed:"
+JOB_COUNTER_PREFIX = "tpq:count:"
+JOB_COUNTERS = ("enqueued", "cancelled")  # what clients count per queue (see job_counter)
 
 MAX_NUM_SHARDS = 4096
 MAX_JOB_ID_CHARS = 128
@@ -302,3 +306,16 @@ def claimed_jobs(group: str) -> str:
     between finds its ids here when it restarts and puts them back.
     """
     return f"{CLAIMED_JOBS_PREFIX}{validate_group_name(group)}"
+
+
+def job_counter(counter: str) -> str:
+    """Hash from queue name to a count clients keep in Redis: ``tpq:count:<counter>``.
+
+    ``enqueued`` counts jobs a client enqueued (right after a single
+    submit's enqueue, in a batch's own transaction); ``cancelled`` counts jobs a client cancelled
+    while they were still queued (no worker saw them). The supervisor
+    exports both (``tpq_jobs_enqueued_total``, ``tpq_jobs_cancelled_queued_total``).
+    """
+    if counter not in JOB_COUNTERS:
+        raise InvalidRequestError(f"unknown job counter {counter!r}; use one of {', '.join(JOB_COUNTERS)}")
+    return f"{JOB_COUNTER_PREFIX}{counter}"

@@ -27,6 +27,9 @@ APP_NAME = "tpqueue"
 DAY_S = 24 * 3600
 MAX_TTL_S = 365 * DAY_S
 
+DEFAULT_SUPERVISOR_METRICS_PORT = 9460
+DEFAULT_WORKER_METRICS_PORT = 9461
+
 # TPQ_* variables that other parts of tpqueue read and that are not settings.
 NON_SETTINGS_ENV_VARS: frozenset[str] = frozenset()
 
@@ -115,6 +118,19 @@ class Settings(BaseSettings):
         description="Model name known to the model store, or a path to a checkpoint.",
     )
     tp: int = Field(1, ge=1, le=64, description="Tensor-parallel ranks per worker group.")
+    supervisor_metrics_port: int = Field(
+        DEFAULT_SUPERVISOR_METRICS_PORT, ge=0, le=65535,
+        description="Port of the supervisor's Prometheus /metrics; 0 turns it off.",
+    )
+    worker_metrics_port: int = Field(
+        DEFAULT_WORKER_METRICS_PORT, ge=0, le=65535,
+        description="Port of a worker group's Prometheus /metrics (served by its rank 0; `tpq up` gives group i "
+        "this port + i); 0 turns it off.",
+    )
+    metrics_host: str = Field(
+        "0.0.0.0", min_length=1, max_length=255,
+        description="Address the /metrics servers listen on (0.0.0.0: every interface; 127.0.0.1: this host only).",
+    )
     log_format: LogFormat = Field(LogFormat.TEXT, description="'text' or 'json' log lines.")
     log_level: LogLevel = Field(LogLevel.INFO, description="DEBUG, INFO, WARNING or ERROR.")
 
