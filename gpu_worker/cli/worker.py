@@ -8,6 +8,7 @@ import threading
 
 from common.errors import TpqError
 from common.groups import hostname
+from common.metrics import port_arg
 from common.settings import get_settings
 
 DEFAULT_DTYPE = "float32"
@@ -29,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory per rank")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--no-restart", action="store_true", help="exit when the group fails instead of restarting")
+    parser.add_argument("--metrics-port", type=port_arg, default=None,
+                        help="port of rank 0's Prometheus /metrics; 0 turns it off (default: TPQ_WORKER_METRICS_PORT, "
+                             "9461)")
     parser.add_argument("--rank0", action="store_true", help=argparse.SUPPRESS)  # the launcher's child
+    parser.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)  # the launcher's count so far
     return parser
 
 
@@ -65,10 +70,12 @@ def main(argv: list[str]) -> int:
         from gpu_worker.serve.group import GroupOptions, install_stop_signals, serve
 
         install_stop_signals(stop)
-        return serve(settings, settings.redis_url, GroupOptions(group, engine_options(args, settings)), stop)
+        port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
+        options = GroupOptions(group, engine_options(args, settings), metrics_port=port, restarts=args.restarts)
+        return serve(settings, settings.redis_url, options, stop)
     from gpu_worker.serve.group import install_stop_signals
     from gpu_worker.serve.launcher import GroupLauncher
 
     install_stop_signals(stop)
     command = [sys.executable, "-m", "common.cli", "worker", *argv, "--group", group, "--rank0"]
-    return GroupLauncher(command, group).run(stop, restart=not args.no_restart)
+    return GroupLauncher(command, group, restarts_option="--restarts").run(stop, restart=not args.no_restart)

@@ -16,6 +16,7 @@ import time
 import torch
 
 from common.errors import WorkerGroupError
+from common.logs import configure_logging
 from gpu_worker.distributed import destroy_group, free_port, init_group, rank_device, threads_per_rank
 from gpu_worker.engine.model_runner import ModelRunner, RunnerSpec
 from gpu_worker.engine.plan import Command, PlanChannel, StepPlan, shutdown_plan
@@ -121,6 +122,7 @@ def run_rank(rank: int, world_size: int, init_method: str, spec: RunnerSpec, rea
 
     With ``heartbeat``, a thread writes this rank's heartbeat (its step count) to Redis.
     """
+    configure_logging()  # a spawned process: log like rank 0 (TPQ_LOG_FORMAT, TPQ_LOG_LEVEL are inherited)
     torch.set_num_threads(threads_per_rank(world_size))
     _exit_when_parent_dies(parent_pid)
     try:

@@ -42,6 +42,8 @@ class EngineStats:
     steps: int = 0
     computed_tokens: int = 0     # tokens run through the model (prefill chunks and decodes)
     generated_tokens: int = 0    # tokens sampled
+    scheduled_seqs: int = 0      # sequences summed over steps (mean batch size = scheduled_seqs / steps)
+    last_batch_size: int = 0     # sequences in the latest step
 
 
 @dataclass
@@ -161,6 +163,8 @@ class LLMEngine:
         rows = self.scheduler.on_step_done(batch)
         self.stats.steps += 1
         self.stats.computed_tokens += sum(num_new)
+        self.stats.scheduled_seqs += len(seqs)
+        self.stats.last_batch_size = len(seqs)
         self.stats.generated_tokens += len(rows)
         if rows:
             sampled = [seqs[i] for i in rows]

@@ -25,6 +25,7 @@ from typing import Any
 
 from common.errors import WorkerGroupError
 from common.groups import GroupInfo, hostname, new_incarnation, register_group, unregister_group
+from common.metrics import GroupMetrics
 from common.redis_conn import connect
 from common.settings import Settings
 from gpu_worker.engine.engine_config import EngineConfig
@@ -33,6 +34,7 @@ from gpu_worker.rq_adapter import disable_pickle
 from gpu_worker.serve.engine_loop import EngineLoop
 from gpu_worker.serve.heartbeat import HeartbeatSpec, HeartbeatThread
 from gpu_worker.serve.job_pump import Fenced, JobPump
+from gpu_worker.serve.metrics import serve_group_metrics
 from gpu_worker.serve.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,13 @@ STUCK_EXIT_S = 10.0  # how long the decode loop may take to notice a stop once t
 
 @dataclass(frozen=True)
 class GroupOptions:
-    """What one worker group runs: its name and its engine's options."""
+    """What one worker group runs: its name, its engine's options, where rank 0 serves /metrics (0: off)
+    and how often its launcher has restarted it."""
 
     group: str
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields (model, tp, dtype, ...)
+    metrics_port: int = 0
+    restarts: int = 0
 
 
 def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threading.Event | None = None) -> int:
@@ -62,21 +67,28 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
              config.model)
     engine = LLMEngine(config, heartbeat=heartbeat)
     disable_pickle()  # after the ranks started (their start-up handshake unpickles); no job can bring pickle
-    publisher = pump = beat = None
+    publisher = pump = beat = metrics = None
     code = EXIT_OK
     loop_done = threading.Event()
     conn = connect(redis_url, client_name=f"tpq-group-{options.group}")
     try:
         publisher = Publisher(redis_url, settings.token_log_maxlen, settings.token_log_ttl_s,
-                              on_written=lambda report: pump.on_written(report))
+                              on_written=lambda report: pump.on_written(report),
+                              metrics=GroupMetrics(options.group))
         loop = EngineLoop(engine, report=publisher.put)
         pump = JobPump(settings, redis_url, options.group, incarnation, loop, engine.tokenizer,
                        max_in_flight=config.max_num_seqs)
-        beat = HeartbeatThread(heartbeat, 0, step=lambda: loop.steps, in_flight=lambda: len(pump.running))
+        beat = HeartbeatThread(heartbeat, 0, step=lambda: loop.steps, in_flight=lambda: len(pump.running),
+                               tokens=lambda: engine.stats.generated_tokens,
+                               load=lambda: (engine.num_running, engine.num_waiting))
         beat.beat()
+        GroupMetrics(options.group).restarts(options.restarts)
+        metrics = serve_group_metrics(options.metrics_port, settings.metrics_host, options.group, incarnation,
+                                      engine, in_flight=lambda: len(pump.running))
         register_group(conn, GroupInfo(
             group=options.group, incarnation=incarnation, tp=config.tp, model=str(config.model), host=hostname(),
             pid=os.getpid(), worker_name=pump.worker.name, started_at=time.time(),
+            metrics_port=metrics.port if metrics is not None else None,
         ))
         beat.start()
         publisher.start()
@@ -101,6 +113,8 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
             beat.stop()
         if code != EXIT_FENCED:
             unregister_group(conn, options.group, incarnation, config.tp)
+        if metrics is not None:
+            metrics.close()
         conn.close()
         engine.shutdown()
     log.info("group %s (incarnation %s) stopped with exit code %d", options.group, incarnation, code)

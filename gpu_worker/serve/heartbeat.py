@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,6 +14,8 @@ from common.groups import make_heartbeat, write_heartbeat
 from common.redis_conn import connect
 
 log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 10.0  # steps/s and tokens/s are averaged over about this many seconds of heartbeats
 
 
 @dataclass(frozen=True)
@@ -28,24 +32,51 @@ class HeartbeatSpec:
 class HeartbeatThread(threading.Thread):
     """Writes this rank's heartbeat every ``interval_s`` until stopped.
 
-    ``step`` and ``in_flight`` are read at each beat (plain int reads, safe
-    across threads). A failed write is logged and retried at the next beat:
+    ``step``, ``in_flight``, ``tokens`` and ``load`` (running and waiting
+    sequences) are read at each beat (plain int reads, safe across threads).
+    Each beat also carries steps/s and tokens/s over the last
+    ``RATE_WINDOW_S`` and for how long ``step`` has not moved while jobs
+    were in flight (``stalled_s``), so ``tpq status`` and ``tpq health``
+    need one read. A failed write is logged and retried at the next beat:
     the supervisor, not this thread, decides what a missing heartbeat means.
     """
 
     def __init__(self, spec: HeartbeatSpec, rank: int, step: Callable[[], int],
-                 in_flight: Callable[[], int] = lambda: 0) -> None:
+                 in_flight: Callable[[], int] = lambda: 0, tokens: Callable[[], int] = lambda: 0,
+                 load: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
         super().__init__(name=f"tpq-heartbeat-{rank}", daemon=True)
         self.spec, self.rank = spec, rank
-        self._step, self._in_flight = step, in_flight
+        self._step, self._in_flight, self._tokens, self._load = step, in_flight, tokens, load
+        self._samples: deque[tuple[float, int, int]] = deque()  # (monotonic time, step, tokens)
+        self._progress_at: float | None = None  # when step last moved (or nothing was in flight)
         self._stop_event = threading.Event()
         self._conn = connect(spec.redis_url, client_name=f"tpq-hb-{spec.group}-{rank}", retries=1)
 
     def beat(self) -> None:
         """Write one heartbeat now."""
-        heartbeat = make_heartbeat(self.spec.group, self.rank, self.spec.incarnation,
-                                   step=self._step(), in_flight=self._in_flight())
+        now = time.monotonic()
+        step, in_flight, tokens = self._step(), self._in_flight(), self._tokens()
+        running, waiting = self._load()
+        steps_per_s, tokens_per_s = self._rates(now, step, tokens)
+        previous_step = self._samples[-2][1] if len(self._samples) > 1 else None
+        if self._progress_at is None or step != previous_step or in_flight == 0:
+            self._progress_at = now
+        heartbeat = make_heartbeat(self.spec.group, self.rank, self.spec.incarnation, step=step,
+                                   in_flight=in_flight, tokens=tokens, running=running, waiting=waiting,
+                                   steps_per_s=round(steps_per_s, 3), tokens_per_s=round(tokens_per_s, 3),
+                                   stalled_s=round(now - self._progress_at, 3))
         write_heartbeat(self._conn, heartbeat, self.spec.ttl_s)
+
+    def _rates(self, now: float, step: int, tokens: int) -> tuple[float, float]:
+        """Steps/s and tokens/s from the oldest sample within the window to this one."""
+        self._samples.append((now, step, tokens))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW_S:
+            self._samples.popleft()
+        then, old_step, old_tokens = self._samples[0]
+        elapsed = now - then
+        if elapsed <= 0:
+            return 0.0, 0.0
+        return max(0, step - old_step) / elapsed, max(0, tokens - old_tokens) / elapsed
 
     def run(self) -> None:
         failing = False

@@ -27,6 +27,8 @@ from common import keys
 from common.errors import InvalidRequestError, TpqError
 from common.groups import is_fenced, read_shard_map, shards_of
 from common.jobs import GENERATE_FUNC, request_from_job_kwargs
+from common.logs import job_event
+from common.metrics import GroupMetrics
 from common.redis_conn import connect
 from common.results import FinishReason, GenerationResult, JobResult, StreamEnd, Timings, TokenEvent, Usage
 from common.schemas import GenerationRequest, check_limits
@@ -58,6 +60,7 @@ class RunningJob:
     request: GenerationRequest
     admitted_wall: float     # Unix time it entered the engine
     queued_before_s: float   # seconds from enqueue to admission
+    resumed_tokens: int = 0  # tokens an earlier attempt streamed
 
 
 class JobPump(threading.Thread):
@@ -83,6 +86,7 @@ class JobPump(threading.Thread):
         self._created = time.monotonic()
         self.error: BaseException | None = None
         self.finished_jobs = self.failed_jobs = 0
+        self.metrics = GroupMetrics(group)
 
     # -- interface for other threads -------------------------------------------
     def on_written(self, report: StepReport) -> None:
@@ -176,15 +180,19 @@ class JobPump(threading.Thread):
         )
         self.worker.succeed(result.request_id, job_result.model_dump(mode="json"))
         self.finished_jobs += 1
-        log.info("job %s finished (%s, %d tokens) on group %s", result.request_id,
-                 result.finish_reason.value, result.usage.generated_tokens, self.group)
+        self.metrics.job_finished(result.finish_reason.value, job_result,
+                                  first_token=result.usage.generated_tokens > job.resumed_tokens)
+        job_event(log, _finish_event(result.finish_reason), result.request_id, queue=job.started.queue.name,
+                  group=self.group, finish_reason=result.finish_reason.value,
+                  tokens=result.usage.generated_tokens, attempt=job.started.attempt)
 
     def _fail(self, job, queue_, message: str, *, retry: bool, end_written: bool = False) -> None:
         if not end_written and not retry:
             self._write_messages([StreamEnd(request_id=job.id, num_tokens=0, error=message)])
         self.worker.fail(job, queue_, message, retry=retry)
         self.failed_jobs += 1
-        log.warning("job %s failed on group %s: %s", job.id, self.group, message)
+        self.metrics.job_failed()
+        job_event(log, "failed", job.id, queue=queue_.name, group=self.group, level=logging.WARNING, error=message)
 
     def _release_running(self) -> None:
         """On stop: give every started job back to rq as ``_shutdown_mode`` says."""
@@ -193,8 +201,13 @@ class JobPump(threading.Thread):
             started = self.worker.started[job_id]
             if mode == "requeue":
                 self.worker.requeue(job_id)
+                self.metrics.jobs_retried("shutdown")
             elif mode == "retry":
                 self.worker.fail(started.job, started.queue, "its worker group failed; retrying", retry=True)
+                self.metrics.jobs_retried("group_failed")
+            if mode in ("requeue", "retry"):
+                job_event(log, "requeued", job_id, queue=started.queue.name, group=self.group,
+                          reason="shutdown" if mode == "requeue" else "group_failed")
             self.running.pop(job_id, None)
         if self.worker.started:
             log.info("%s %d running job(s) of group %s", mode, len(self.worker.started), self.group)
@@ -245,6 +258,7 @@ class JobPump(threading.Thread):
             queues.append(keys.BATCH_QUEUE)
         claimed = self.worker.claim(queues, min(room, CLAIM_BATCH))
         for item in claimed:
+            job_event(log, "claimed", item.job_id, queue=item.queue.name, group=self.group)
             self._admit(item)
         return bool(claimed)
 
@@ -267,6 +281,8 @@ class JobPump(threading.Thread):
             return
         queued_before_s = max(0.0, time.time() - job.enqueued_at.timestamp()) if job.enqueued_at else 0.0
         started = self.worker.start(job, item.queue)
+        self.metrics.job_started()
+        job_event(log, "started", job.id, queue=item.queue.name, group=self.group, attempt=started.attempt)
         tokens, end = resume_point(self.conn, job.id)
         if self.conn.exists(keys.cancel_flag(job.id)):
             self._finish_without_engine(started, request, tokens, FinishReason.CANCELLED)
@@ -289,11 +305,13 @@ class JobPump(threading.Thread):
         except (TpqError, ValueError) as exc:
             self._fail(job, started.queue, f"{type(exc).__name__}: {exc}", retry=False)
             return
-        self.running[job.id] = RunningJob(started, request, time.time(), queued_before_s)
+        self.running[job.id] = RunningJob(started, request, time.time(), queued_before_s, len(tokens))
         self.loop.submit(Admit(job.id, prompt, request.sampling, engine_priority(request),
                                resume_token_ids=[t.token_id for t in tokens]))
         if tokens:
-            log.info("job %s resumes at token %d (attempt %d)", job.id, len(tokens), started.attempt)
+            self.metrics.job_resumed()
+            job_event(log, "resumed", job.id, queue=started.queue.name, group=self.group, at_token=len(tokens),
+                      attempt=started.attempt)
 
     def _finish_without_engine(self, started: Started, request: GenerationRequest, tokens: list[TokenEvent],
                                reason: FinishReason, end_written: bool = False) -> None:
@@ -311,9 +329,16 @@ class JobPump(threading.Thread):
         )
         self.worker.succeed(job.id, result.model_dump(mode="json"))
         self.finished_jobs += 1
-        log.info("job %s finished (%s) without running on group %s", job.id, reason.value, self.group)
+        self.metrics.job_finished(reason.value)
+        job_event(log, _finish_event(reason), job.id, queue=started.queue.name, group=self.group,
+                  finish_reason=reason.value, tokens=len(tokens), attempt=started.attempt, ran=False)
 
     def _write_messages(self, messages: list[TokenEvent | StreamEnd]) -> None:
         with self.conn.pipeline(transaction=False) as pipe:
             queue_messages(pipe, messages, self.settings.token_log_maxlen, self.settings.token_log_ttl_s)
             pipe.execute(raise_on_error=False)
+
+
+def _finish_event(reason: FinishReason) -> str:
+    """The lifecycle event a job's end is logged as."""
+    return {FinishReason.CANCELLED: "cancelled", FinishReason.DEADLINE: "expired"}.get(reason, "finished")

@@ -24,10 +24,17 @@ POLL_S = 0.2
 
 
 class GroupLauncher:
-    """Runs ``command`` (rank 0 of one group) until stopped, restarting it whenever it exits on its own."""
+    """Runs ``command`` (rank 0 of one group) until stopped, restarting it whenever it exits on its own.
 
-    def __init__(self, command: list[str], name: str, grace_s: float = 60.0, env: dict[str, str] | None = None):
+    With ``restarts_option`` (e.g. ``--restarts``), each start appends that
+    option and how many times the group was restarted so far, so rank 0 can
+    report it (``tpq_group_restarts_total``).
+    """
+
+    def __init__(self, command: list[str], name: str, grace_s: float = 60.0, env: dict[str, str] | None = None,
+                 restarts_option: str | None = None):
         self.command, self.name, self.grace_s, self.env = command, name, grace_s, env
+        self.restarts_option = restarts_option
         self.restarts = 0
         self.process: subprocess.Popen | None = None
 
@@ -51,7 +58,8 @@ class GroupLauncher:
         return 0
 
     def _run_once(self, stop: threading.Event) -> int:
-        self.process = process = subprocess.Popen(self.command, start_new_session=True, env=self.env)
+        command = [*self.command, self.restarts_option, str(self.restarts)] if self.restarts_option else self.command
+        self.process = process = subprocess.Popen(command, start_new_session=True, env=self.env)
         try:
             while (code := process.poll()) is None:
                 if stop.wait(POLL_S):

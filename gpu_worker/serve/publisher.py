@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import redis
 
+from common.metrics import GroupMetrics
 from common.redis_conn import connect
 from common.results import StreamEnd
 from common.token_log import queue_messages
@@ -29,14 +30,19 @@ RETRY_PAUSE_CAP_S = 5.0
 
 
 class Publisher(threading.Thread):
-    """Writes step reports to Redis; ``on_written(report)`` runs after each report's messages are stored."""
+    """Writes step reports to Redis; ``on_written(report)`` runs after each report's messages are stored.
+
+    With ``metrics``, it counts the published tokens and their inter-token latency.
+    """
 
     def __init__(self, redis_url: str, log_maxlen: int, log_ttl_s: int,
-                 on_written: Callable[[StepReport], None], client_name: str = "tpq-publisher") -> None:
+                 on_written: Callable[[StepReport], None], client_name: str = "tpq-publisher",
+                 metrics: GroupMetrics | None = None) -> None:
         super().__init__(name="tpq-publisher", daemon=True)
         self._conn = connect(redis_url, client_name=client_name)
         self._maxlen, self._ttl_s = log_maxlen, log_ttl_s
         self._on_written = on_written
+        self._metrics = metrics
         self._reports: queue.SimpleQueue[StepReport | None] = queue.SimpleQueue()
         self.messages_written = 0
         self.latencies_s: list[float] = []  # sampled -> written, for the benchmark (bounded below)
@@ -84,6 +90,8 @@ class Publisher(threading.Thread):
                 time.sleep(pause)
                 pause = min(pause * 2, RETRY_PAUSE_CAP_S)
         now = time.time()
+        if self._metrics is not None:
+            self._metrics.tokens_published(report.events, [end.request_id for end in ends])
         self.messages_written += len(report.events) + len(ends)
         if len(self.latencies_s) < 1_000_000:
             self.latencies_s.extend(now - e.sampled_at for e in report.events if e.sampled_at is not None)
