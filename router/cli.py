@@ -3,6 +3,8 @@
 Runs passes until Ctrl-C or SIGTERM, then releases the supervisor lock so a
 standby takes over at once. A second supervisor started against the same
 Redis waits as a standby. ``--once`` runs a single pass and prints what it did.
+Serves Prometheus metrics on ``--metrics-port`` (default
+TPQ_SUPERVISOR_METRICS_PORT, 9460; 0 turns them off).
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from contextlib import contextmanager
 from types import FrameType
 
 from common.errors import TpqError
+from common.metrics import port_arg
 from common.redis_conn import connect, redact_url
 from common.settings import get_settings
+from router.metrics import serve_supervisor_metrics
 from router.supervisor import DEFAULT_INTERVAL_S, PassResult, Supervisor
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval-s", type=_positive_float, default=DEFAULT_INTERVAL_S,
                         help=f"seconds between passes (default {DEFAULT_INTERVAL_S})")
     parser.add_argument("--once", action="store_true", help="run one pass, print what it did, and exit")
+    parser.add_argument("--metrics-port", type=port_arg, default=None,
+                        help="port of the Prometheus /metrics; 0 turns it off "
+                             "(default: TPQ_SUPERVISOR_METRICS_PORT, 9460)")
     return parser
 
 
@@ -71,9 +78,17 @@ def main(argv: list[str]) -> int:
             return _run_once(supervisor)
         log.info("supervisor %s watching %s every %.2f s (%d shards)", supervisor.owner_id,
                  redact_url(settings.redis_url), args.interval_s, settings.num_shards)
+        port = settings.supervisor_metrics_port if args.metrics_port is None else args.metrics_port
+        metrics_conn = connect(settings.redis_url, client_name="tpq-supervisor-metrics")
+        metrics = serve_supervisor_metrics(port, settings, supervisor, metrics_conn)
         stop = threading.Event()
-        with _stop_on_signals(stop):
-            supervisor.run(stop)
+        try:
+            with _stop_on_signals(stop):
+                supervisor.run(stop)
+        finally:
+            if metrics is not None:
+                metrics.close()
+            metrics_conn.close()
         log.info("supervisor %s stopped", supervisor.owner_id)
         return 0
     finally:

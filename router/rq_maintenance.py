@@ -87,12 +87,15 @@ class StartedEntry:
 
 @dataclass
 class RequeueReport:
-    """The job ids a requeue pass requeued and failed."""
+    """The job ids a requeue pass requeued and failed, and the queue of each."""
 
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    queues: dict[str, str] = field(default_factory=dict)
 
-    def add(self, job_id: str, outcome: Outcome | None) -> None:
+    def add(self, job_id: str, outcome: Outcome | None, queue_name: str | None = None) -> None:
+        if queue_name is not None and outcome in (Outcome.REQUEUED, Outcome.FAILED):
+            self.queues[job_id] = queue_name
         if outcome is Outcome.REQUEUED:
             self.requeued.append(job_id)
         elif outcome is Outcome.FAILED:
@@ -153,7 +156,7 @@ def requeue_worker_jobs(
     mine = [e for e in started_entries(conn, queue_names) if e.worker_name == worker_name]
     queues = {name: queue(conn, name) for name in {e.queue_name for e in mine}}
     for entry in sorted(mine, key=lambda e: e.enqueued_at, reverse=True):
-        report.add(entry.job_id, abandon_execution(conn, entry, reason, queues[entry.queue_name]))
+        report.add(entry.job_id, abandon_execution(conn, entry, reason, queues[entry.queue_name]), entry.queue_name)
     return report
 
 

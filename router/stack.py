@@ -45,6 +45,7 @@ class StackOptions:
     worker_args: list[str] = field(default_factory=list)
     group_prefix: str = "g"
     log_level: str | None = None  # TPQ_LOG_LEVEL of the stack's processes (default: inherited)
+    metrics: bool = True  # serve /metrics: the supervisor on TPQ_SUPERVISOR_METRICS_PORT, group i on TPQ_WORKER_METRICS_PORT + i
 
 
 class LocalStack:
@@ -65,6 +66,16 @@ class LocalStack:
     def group_names(self) -> list[str]:
         return [f"{self.options.group_prefix}{i}" for i in range(self.options.groups)]
 
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        """Where each part serves /metrics: ``supervisor`` and each group name; 0 where it is off."""
+        supervisor, worker = self.settings.supervisor_metrics_port, self.settings.worker_metrics_port
+        if not self.options.metrics:
+            supervisor = worker = 0
+        ports = {"supervisor": supervisor}
+        ports.update({name: worker + i if worker else 0 for i, name in enumerate(self.group_names)})
+        return ports
+
     # -- life cycle ----------------------------------------------------------------
     def start(self) -> LocalStack:
         if self.settings.redis_url is None:
@@ -79,11 +90,12 @@ class LocalStack:
         else:
             connect(self.redis_url, check=True).close()
             log.info("using Redis at %s", redact_url(self.redis_url))
-        self.supervisor = self._spawn(["supervisor"])
+        self.supervisor = self._spawn(self._supervisor_args())
         self._supervisor_guard = threading.Thread(target=self._keep_supervisor, name="supervisor-guard", daemon=True)
         self._supervisor_guard.start()
         for name in self.group_names:
             self.workers[name] = self._spawn(["worker", "--group", name, "--tp", str(self.options.tp),
+                                              "--metrics-port", str(self.metrics_ports[name]),
                                               *self.options.worker_args])
         return self
 
@@ -143,6 +155,9 @@ class LocalStack:
             env["TPQ_LOG_LEVEL"] = self.options.log_level
         return subprocess.Popen([sys.executable, "-m", "common.cli", *tpq_args], env=env)
 
+    def _supervisor_args(self) -> list[str]:
+        return ["supervisor", "--metrics-port", str(self.metrics_ports["supervisor"])]
+
     def _keep_supervisor(self) -> None:
         while not self._stopping.is_set():
             assert self.supervisor is not None
@@ -151,7 +166,7 @@ class LocalStack:
                 log.warning("the supervisor exited with code %s; restarting it", code)
                 time.sleep(SUPERVISOR_RESTART_PAUSE_S)
                 if not self._stopping.is_set():
-                    self.supervisor = self._spawn(["supervisor"])
+                    self.supervisor = self._spawn(self._supervisor_args())
             self._stopping.wait(0.5)
 
     def _check_children(self) -> None:

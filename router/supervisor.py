@@ -36,6 +36,8 @@ import redis
 
 from common import keys
 from common.groups import FENCED_FIELD, GroupInfo, Heartbeat, fence, read_groups, read_shard_map
+from common.logs import job_event
+from common.metrics import GroupMetrics
 from common.settings import Settings
 from router import rq_maintenance
 from router.shard_map import assign_shards, moved_shards, write_shard_map
@@ -360,6 +362,14 @@ class Supervisor:
                      info.group, info.incarnation, returned)
         self.jobs_requeued += len(report.requeued)
         self.jobs_failed += len(report.failed)
+        GroupMetrics(info.group).jobs_retried("supervisor", len(report.requeued))
+        GroupMetrics(info.group).job_failed(len(report.failed))
+        for job_id in report.requeued:
+            job_event(log, "requeued", job_id, queue=report.queues.get(job_id), group=info.group, rank=None,
+                      reason="supervisor")
+        for job_id in report.failed:
+            job_event(log, "failed", job_id, queue=report.queues.get(job_id), group=info.group, rank=None,
+                      level=logging.WARNING, error="its group died and it has no retries left")
         result.requeued += report.requeued
         result.failed += report.failed
         if report.requeued or report.failed:

@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences a group decodes together")
     parser.add_argument("--ready-timeout-s", type=float, default=600.0, help="how long groups may take to load")
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="serve no Prometheus /metrics (default: the supervisor on TPQ_SUPERVISOR_METRICS_PORT, "
+                             "9460, group i on TPQ_WORKER_METRICS_PORT + i, 9461 + i)")
     return parser
 
 
@@ -45,7 +48,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stack = LocalStack(settings, StackOptions(groups=args.groups, tp=args.tp or settings.tp,
-                                              worker_args=worker_args(args)))
+                                              worker_args=worker_args(args), metrics=not args.no_metrics))
     try:
         stack.start()
         print(f"tpq up: waiting for {args.groups} group(s) to load the model ...", flush=True)
@@ -54,6 +57,10 @@ def main(argv: list[str]) -> int:
         print(f"tpq up: ready. Redis {redact_url(stack.redis_url)}; groups {', '.join(stack.group_names)}.\n"
               "  try: tpq generate \"Why is the sky blue?\" --session me   (Ctrl-C here stops everything)",
               flush=True)
+        served = {name: port for name, port in stack.metrics_ports.items() if port}
+        if served:
+            print("  metrics: " + ", ".join(f"{name} http://localhost:{port}/metrics" for name, port in served.items()),
+                  flush=True)
         stop.wait()
     except (StackError, TpqError) as exc:
         print(f"tpq up: {exc}", flush=True)

@@ -62,6 +62,8 @@ FAST_ENV = {
     "TPQ_HEARTBEAT_TTL_S": "1.5",
     "TPQ_HANG_TIMEOUT_S": "10",
     "TPQ_NUM_SHARDS": "16",
+    "TPQ_SUPERVISOR_METRICS_PORT": "0",  # no /metrics unless a test asks (tests may run side by side)
+    "TPQ_WORKER_METRICS_PORT": "0",
 }
 
 
