@@ -435,6 +435,8 @@ class Client:
             )
         except DuplicateJobError:
             return self._existing_handles([request])[0]
+        # rq's unique enqueue is a Lua script that takes no pipeline: count it right after (tpq_jobs_enqueued_total)
+        self.redis.hincrby(keys.job_counter("enqueued"), queue_name, 1)
         log.debug("enqueued job %s on %s", request.request_id, queue_name)
         return JobHandle(self, request.request_id, queue_name, request)
 
@@ -521,6 +523,7 @@ class Client:
                     for r in requests
                 ]
                 self._queue(queue_name).enqueue_many(datas, pipeline=pipe)
+                pipe.hincrby(keys.job_counter("enqueued"), queue_name, len(datas))
             try:
                 pipe.execute()
             except _WatchError:
@@ -598,6 +601,8 @@ class Client:
                 pipe.multi()
                 job.cancel(pipeline=pipe)  # status CANCELED, out of its queue, into rq's CanceledJobRegistry
                 pipe.expire(job_key, self.settings.failure_ttl_s)  # rq would keep a cancelled job forever
+                if origin is not None:  # counted for tpq_jobs_cancelled_queued_total
+                    pipe.hincrby(keys.job_counter("cancelled"), _text(origin), 1)
                 if end is not None:
                     queue_messages(pipe, [end], self.settings.token_log_maxlen, self.settings.token_log_ttl_s)
                 try:
