@@ -66,6 +66,6 @@ def judge_group(info: GroupInfo, fenced: str | None, beats: list[Heartbeat], *, 
     rank0 = mine[0]
     stalled = stalled_for(rank0, now)
     if stalled >= hang_after_s:
-        return GroupVerdict(GroupHealth.HUNG, f"hung: step stuck at {rank0.step} for {stalled:.0f} s with "
+        return GroupVerdict(GroupHealth.HUNG, f"step stuck at {rank0.step} for {stalled:.0f} s with "
                                               f"{rank0.in_flight} job(s) in flight")
     return GroupVerdict(GroupHealth.LIVE)

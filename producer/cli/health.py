@@ -1,0 +1,112 @@
+"""``tpq health``: is the deployment healthy? Exit 0 with ``OK: ...`` or 1 with ``FAIL: ...``, on one line.
+
+A worker group fails the check when it is dead (a rank's heartbeat is
+gone), hung (rank 0 holds jobs and its step has not advanced for
+``--hang-after-s``, default ``TPQ_HANG_TIMEOUT_S``) or fenced (the
+supervisor declared it dead or hung and it is being restarted); a group
+still starting passes. Without ``--group`` or ``--supervisor`` it checks
+every registered group, that a supervisor holds the lock, and that every
+session shard has a live owner. Meant for Docker and Kubernetes health
+checks and for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import redis
+
+from common import keys
+from common.errors import TpqError
+from common.groups import FENCED_FIELD, read_groups, read_heartbeats, read_shard_map
+from common.health import GroupHealth, judge_group
+from common.redis_conn import connect
+from common.settings import Settings, get_settings
+from common.stack_info import redis_url_for
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tpq health`` argument parser."""
+    parser = argparse.ArgumentParser(prog="tpq health", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--group", action="append", default=None, metavar="NAME",
+                        help="check only this group (repeatable); it must be registered")
+    parser.add_argument("--supervisor", action="store_true", help="check only that a supervisor holds the lock")
+    parser.add_argument("--hang-after-s", type=float, default=None,
+                        help="seconds without a step while holding jobs that make a group hung "
+                             "(default: TPQ_HANG_TIMEOUT_S)")
+    return parser
+
+
+def check(conn: redis.Redis, settings: Settings, groups: list[str] | None = None, *, supervisor_only: bool = False,
+          hang_after_s: float | None = None, now: float | None = None) -> tuple[bool, str]:
+    """``(healthy, one-line reason)`` for the deployment behind ``conn`` (see the module docstring)."""
+    now = time.time() if now is None else now
+    hang_after_s = settings.hang_timeout_s if hang_after_s is None else hang_after_s
+    problems: list[str] = []
+    fine: list[str] = []
+    live: set[str] = set()
+    if not supervisor_only:
+        infos = read_groups(conn)
+        beats = read_heartbeats(conn)
+        with conn.pipeline(transaction=False) as pipe:
+            for name in infos:
+                pipe.hget(keys.group_info(name), FENCED_FIELD)
+            fences = {name: _text(raw) for name, raw in zip(infos, pipe.execute())}
+        names = groups or sorted(infos)
+        if not names:
+            problems.append("no worker group is registered (start one with `tpq worker`, or `tpq up`)")
+        for name in names:
+            info = infos.get(name)
+            if info is None:
+                problems.append(f"group {name} is not registered (not started, still loading its model, or stopped)")
+                continue
+            verdict = judge_group(info, fences[name], [b for b in beats if b.group == name], now=now,
+                                  heartbeat_ttl_s=settings.heartbeat_ttl_s, hang_after_s=hang_after_s)
+            if verdict.health is GroupHealth.LIVE:
+                live.add(name)
+            if verdict.health.ok:
+                fine.append(f"group {name} {verdict.health.value}")
+            else:
+                problems.append(f"group {name} {verdict.health.value}: {verdict.reason}")
+    if supervisor_only or not groups:
+        if conn.exists(keys.supervisor_lock()):
+            fine.append("supervisor active")
+        else:
+            problems.append("no supervisor holds the lock (is `tpq supervisor` running?)")
+    if not supervisor_only and not groups:
+        _epoch, shard_map = read_shard_map(conn)
+        unowned = sum(1 for shard in range(settings.num_shards) if shard_map.get(shard) not in live)
+        if unowned:
+            problems.append(f"{unowned} of {settings.num_shards} session shards have no live owner")
+        else:
+            fine.append(f"{settings.num_shards}/{settings.num_shards} shards owned")
+    if problems:
+        return False, "FAIL: " + "; ".join(problems)
+    return True, "OK: " + ", ".join(fine)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``tpq health``: prints one line, returns 0 (healthy) or 1 (not, or cannot tell)."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+        conn = connect(redis_url_for(settings, "health"), client_name="tpq-health", check=True, retries=1)
+        try:
+            healthy, line = check(conn, settings, args.group, supervisor_only=args.supervisor,
+                                  hang_after_s=args.hang_after_s)
+        finally:
+            conn.close()
+    except (TpqError, redis.RedisError) as exc:
+        healthy, line = False, f"FAIL: {exc}"
+    print(line)
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
