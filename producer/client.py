@@ -344,7 +344,7 @@ class Client:
         data: dict[str, Any] = {
             "request_id": request_id if request_id is not None else uuid.uuid4().hex,
             "prompt": prompt,
-            "messages": list(messages) if messages is not None and not isinstance(messages, (str, bytes)) else messages,
+            "messages": _listed(messages),
             "session_id": session_id,
             "sampling": sampling,
             "priority": priority,
@@ -741,6 +741,13 @@ def _cancel_end(job_id: str, last: list[Any]) -> StreamEnd | None:
 def _description(request: GenerationRequest) -> str:
     # Short on purpose: rq's default description repeats the whole prompt in the job hash.
     return f"tpq generate {request.request_id} ({request.priority}, {request.input_chars} chars)"
+
+
+def _listed(messages: Any) -> Any:
+    """``messages`` as a list when it is a sequence of messages; anything else as is, for the schema to refuse."""
+    if isinstance(messages, Iterable) and not isinstance(messages, (str, bytes, Mapping)):
+        return list(messages)
+    return messages
 
 
 def _check_wait(wait_s: float) -> float:
