@@ -89,7 +89,7 @@ def render(status: dict[str, Any], redis_url: str) -> str:
     if not status["groups"]:
         lines.append("(no worker group registered: start one with `tpq worker` or `tpq up`)")
     queues = status["queues"]
-    lines += ["", "queues: " + (", ".join(f"{q}={n}" for q, n in sorted(queues.items())) if queues else "queues: all empty")]
+    lines += ["", "queues: " + (", ".join(f"{q}={n}" for q, n in sorted(queues.items())) if queues else "all empty")]
     j = status["jobs"]
     lines.append(f"jobs: {j['queued']} queued, {j['started']} running, {j['finished']} finished, {j['failed']} failed")
     return "\n".join(lines)
