@@ -5,7 +5,8 @@ function and for its success/failure/stopped callbacks (rq 2.12
 ``rq/job.py``: ``Job.func`` and the ``*_callback`` properties, all through
 ``rq.utils.import_attribute``), so anyone who can write to Redis can make it
 run ``os.system``. :class:`AllowListedJob` refuses every name that is not in
-:data:`ALLOWED_FUNCS` before anything is imported. :func:`disable_pickle`
+:data:`ALLOWED_FUNCS` before anything is imported, and never sends the HTTP
+webhooks (rq 2.12 ``Job.webhooks``) a job hash may name. :func:`disable_pickle`
 makes unpickling raise in this process, so a pickle payload written into a
 job hash can never run code here.
 
@@ -37,8 +38,10 @@ from typing import Any, NoReturn
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.registry import FailedJobRegistry
+from rq.results import Result
 from rq.serializers import DefaultSerializer, JSONSerializer
-from rq.utils import import_attribute, now
+from rq.utils import current_timestamp, import_attribute, now, utcformat
 from rq.worker import BaseWorker, WorkerStatus
 
 from common import keys
@@ -93,6 +96,14 @@ class AllowListedJob(Job):
 
     @property
     def func(self) -> Any:
+        return import_attribute(self.allowed_func_name())
+
+    def allowed_func_name(self) -> str:
+        """The job's function name if the job may run; else raise :class:`ForbiddenJobFunction`. Imports nothing.
+
+        A job may run when it names an allow-listed function, is not bound to
+        an instance, and names no callback off the allow-list.
+        """
         func_name = check_allowed(self.func_name)
         if self.instance is not None:
             raise ForbiddenJobFunction(
@@ -101,7 +112,7 @@ class AllowListedJob(Job):
         for role, name in self._callback_names():
             if name:
                 check_allowed(name, role)
-        return import_attribute(func_name)
+        return func_name
 
     @property
     def success_callback(self) -> Any:
@@ -114,6 +125,12 @@ class AllowListedJob(Job):
     @property
     def stopped_callback(self) -> Any:
         return _resolve_callback(self._stopped_callback_name, "stopped callback")
+
+    def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:
+        """Never sends: a webhook is an HTTP request to any URL a Redis writer chose, from the worker's network."""
+        if self.webhooks:
+            log.error("job %s: not sending its %d webhook(s): tpqueue jobs have none, so this job is foreign or "
+                      "corrupt", self.id, len(self.webhooks))
 
     def execute_failure_callback(self, death_penalty_class: Any, *exc_info: Any) -> None:
         # rq's StartedJobRegistry.cleanup calls this outside any try; a raise there would stop the worker.
@@ -329,8 +346,17 @@ class BatchWorker(BaseWorker):
         if limit <= 0 or not queue_names:
             return []
         flat = self._claim(keys=[self.claimed_key, *map(keys.rq_queue_key, queue_names)], args=[limit])
-        pairs = [(_text(flat[i])[len(keys.RQ_QUEUE_PREFIX):], _text(flat[i + 1])) for i in range(0, len(flat), 2)]
-        return [self._fetch(job_id, queue_name) for queue_name, job_id in pairs]
+        claimed = []
+        for i in range(0, len(flat), 2):
+            queue_name, raw_id = _text(flat[i])[len(keys.RQ_QUEUE_PREFIX):], flat[i + 1]
+            job_id = _job_id_or_none(raw_id)
+            if job_id is None:  # nothing rq could finish or tell a client about: forget it
+                self.connection.lrem(self.claimed_key, 1, raw_id)
+                log.error("queue %s held %s, which is not a tpqueue job id; dropped it", queue_name,
+                          repr(raw_id)[:_MAX_SHOWN_CHARS])
+                continue
+            claimed.append(self._fetch(job_id, queue_name))
+        return claimed
 
     def _fetch(self, job_id: str, queue_name: str) -> Claimed:
         queue = Queue(queue_name, connection=self.connection, serializer=JSONSerializer)
@@ -341,8 +367,30 @@ class BatchWorker(BaseWorker):
         return Claimed(job_id, queue, job, None)
 
     def drop_claim(self, job_id: str) -> None:
-        """Forget a claimed id whose job hash is gone or unreadable (nothing rq could finish)."""
+        """Forget a claimed id whose job hash is gone (nothing rq could finish)."""
         self.connection.lrem(self.claimed_key, 1, job_id)
+
+    def fail_unreadable(self, job_id: str, queue: Queue, message: str, failure_ttl: int) -> bool:
+        """End a claimed job whose hash rq cannot read as FAILED with ``message``; False (only dropped) if it has no hash.
+
+        rq's own failure path needs a readable job, so this writes what it
+        would: status ``failed`` in the hash, the id in the queue's
+        FailedJobRegistry, a failure result (what clients read), and the
+        failure TTL on the hash.
+        """
+        job_key = keys.rq_job_key(job_id)
+        exists = bool(self.connection.exists(job_key))
+        with self.connection.pipeline(transaction=True) as pipe:
+            pipe.lrem(self.claimed_key, 1, job_id)
+            if exists:
+                pipe.hset(job_key, mapping={"status": JobStatus.FAILED.value, "ended_at": utcformat(now())})
+                pipe.expire(job_key, failure_ttl)
+                registry = FailedJobRegistry(queue.name, connection=self.connection, serializer=JSONSerializer)
+                pipe.zadd(registry.key, {job_id: current_timestamp() + failure_ttl})
+                bare = Job(job_id, connection=self.connection, serializer=JSONSerializer)  # rq reads only its id
+                Result.create_failure(bare, failure_ttl, exc_string=message, worker_name=self.name, pipeline=pipe)
+            pipe.execute()
+        return exists
 
     def return_claimed(self) -> int:
         """Put every id in the group's claimed list back at the front of its queue; how many."""
@@ -422,6 +470,14 @@ class BatchWorker(BaseWorker):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _job_id_or_none(raw: bytes | str) -> str | None:
+    """``raw`` (an id read from a queue) as a str if it is a valid tpqueue job id, else None."""
+    try:
+        return keys.validate_job_id(_text(raw))
+    except (UnicodeDecodeError, TpqError):
+        return None
 
 
 def _is_job_id(value: str) -> bool:

@@ -35,7 +35,7 @@ from common.schemas import GenerationRequest, check_limits
 from common.settings import Settings
 from common.token_log import queue_messages, resume_point
 from gpu_worker.jobs import engine_priority, prompt_token_ids
-from gpu_worker.rq_adapter import BatchWorker, Claimed, ForbiddenJobFunction, Started, check_allowed
+from gpu_worker.rq_adapter import BatchWorker, Claimed, ForbiddenJobFunction, Started
 from gpu_worker.serve.engine_loop import Abort, Admit, EngineLoop, StepReport
 from gpu_worker.tokenizer import Tokenizer
 
@@ -45,6 +45,7 @@ CONTROL_PERIOD_S = 0.1
 CLAIM_BATCH = 16
 POLL_MIN_S, POLL_MAX_S = 0.002, 0.02
 NO_MAP_WARNING_S = 10.0  # a supervisor starting beside the group writes the map within seconds
+MAX_ERROR_CHARS = 1000  # of a failed job's message (its result, stream end and log line)
 BATCH_RESERVE_FRACTION = 0.25  # of max_in_flight, kept free of batch jobs for interactive sessions
 
 
@@ -187,6 +188,7 @@ class JobPump(threading.Thread):
                   tokens=result.usage.generated_tokens, attempt=job.started.attempt)
 
     def _fail(self, job, queue_, message: str, *, retry: bool, end_written: bool = False) -> None:
+        message = _short(message)
         if not end_written and not retry:
             self._write_messages([StreamEnd(request_id=job.id, num_tokens=0, error=message)])
         self.worker.fail(job, queue_, message, retry=retry)
@@ -264,12 +266,14 @@ class JobPump(threading.Thread):
 
     def _admit(self, item: Claimed) -> None:
         if item.job is None:
-            log.error("job %s on %s cannot be read (%s); dropping the id", item.job_id, item.queue.name, item.error)
-            self.worker.drop_claim(item.job_id)
+            self._fail_unreadable(item)
             return
         job = item.job
         try:
-            check_allowed(job.func_name)
+            job.allowed_func_name()
+            if job.args:
+                raise InvalidRequestError(f"a tpqueue job takes no positional arguments (got {len(job.args)}); "
+                                          "its only argument is the keyword argument 'request'")
             request = check_limits(request_from_job_kwargs(job.kwargs), self.settings)
             if request.request_id != job.id:
                 raise InvalidRequestError(f"the request id {request.request_id!r} differs from the job id {job.id!r}")
@@ -297,12 +301,24 @@ class JobPump(threading.Thread):
         else:
             self._start_generating(started, request, tokens, queued_before_s)
 
+    def _fail_unreadable(self, item: Claimed) -> None:
+        """A claimed job rq cannot read: FAILED if it has a hash (a corrupt field), else only dropped."""
+        message = _short(f"the job cannot be read: {item.error}")
+        if not self.worker.fail_unreadable(item.job_id, item.queue, message, self.settings.failure_ttl_s):
+            log.error("job %s on %s has no job hash (%s); dropped the id", item.job_id, item.queue.name, item.error)
+            return
+        self._write_messages([StreamEnd(request_id=item.job_id, num_tokens=0, error=message)])
+        self.failed_jobs += 1
+        self.metrics.job_failed()
+        job_event(log, "failed", item.job_id, queue=item.queue.name, group=self.group, level=logging.WARNING,
+                  error=message)
+
     def _start_generating(self, started: Started, request: GenerationRequest, tokens: list[TokenEvent],
                           queued_before_s: float) -> None:
         job = started.job
         try:
             prompt = prompt_token_ids(self.tokenizer, request)
-        except (TpqError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a prompt the tokenizer cannot take fails its job, not the pump
             self._fail(job, started.queue, f"{type(exc).__name__}: {exc}", retry=False)
             return
         self.running[job.id] = RunningJob(started, request, time.time(), queued_before_s, len(tokens))
@@ -337,6 +353,13 @@ class JobPump(threading.Thread):
         with self.conn.pipeline(transaction=False) as pipe:
             queue_messages(pipe, messages, self.settings.token_log_maxlen, self.settings.token_log_ttl_s)
             pipe.execute(raise_on_error=False)
+
+
+def _short(message: str) -> str:
+    """``message`` cut to ``MAX_ERROR_CHARS``: an error about a hostile job must not copy its payload around."""
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[:MAX_ERROR_CHARS]}... ({len(message) - MAX_ERROR_CHARS} more characters)"
 
 
 def _finish_event(reason: FinishReason) -> str:
