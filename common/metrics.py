@@ -364,7 +364,8 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def serve_metrics(port: int, host: str, collectors: Iterable[Any] = (), *, what: str = "metrics") -> MetricsServer | None:
+def serve_metrics(port: int, host: str, collectors: Iterable[Any] = (), *,
+                  what: str = "metrics") -> MetricsServer | None:
     """Serve the process's metrics plus ``collectors`` on ``host:port``; None when ``port`` is 0.
 
     A port that cannot be bound is logged and also gives None: a busy

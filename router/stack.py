@@ -45,7 +45,7 @@ class StackOptions:
     worker_args: list[str] = field(default_factory=list)
     group_prefix: str = "g"
     log_level: str | None = None  # TPQ_LOG_LEVEL of the stack's processes (default: inherited)
-    metrics: bool = True  # serve /metrics: the supervisor on TPQ_SUPERVISOR_METRICS_PORT, group i on TPQ_WORKER_METRICS_PORT + i
+    metrics: bool = True  # /metrics: supervisor on TPQ_SUPERVISOR_METRICS_PORT, group i on TPQ_WORKER_METRICS_PORT + i
 
 
 class LocalStack:
