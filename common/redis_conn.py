@@ -26,6 +26,7 @@ from redis.connection import parse_url as _redis_parse_url
 from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from common.errors import InvalidConfigError, TpqError
@@ -196,6 +197,10 @@ def _client_kwargs(
         "socket_connect_timeout": socket_connect_timeout,
         "health_check_interval": health_check_interval,
         "retry_on_timeout": True,
+        # No CLIENT SETINFO, no CLIENT MAINT_NOTIFICATIONS (for managed clusters' failovers): the connection
+        # handshake then needs only AUTH/HELLO and CLIENT SETNAME, which a tight Redis ACL allows (README "Security").
+        "driver_info": None,
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
     }
     if client_name is not None:
         kwargs["client_name"] = client_name
