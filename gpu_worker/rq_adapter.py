@@ -21,6 +21,7 @@ started, kept alive and finished through rq's own bookkeeping so that
 ``rq info`` and rq-dashboard tell the truth. The rq internals it relies on
 (rq 2.12; upstream is reworking them) are all here, each named where used:
 ``BaseWorker.execution`` (a single slot, set before each ``handle_*`` call),
+``BaseWorker._set_ip_address`` (replaced: no CLIENT LIST),
 ``Job._result`` (read by ``handle_job_success``), ``Queue._enqueue_job`` is
 not used (``enqueue_job`` is public), and rq's Redis layout of a queue
 (``rq:queue:<name>``, a list of job ids, which the claim script moves ids
@@ -318,6 +319,12 @@ class BatchWorker(BaseWorker):
         self.started: dict[str, Started] = {}
 
     # -- identity ------------------------------------------------------------
+    def _set_ip_address(self, connection: Any) -> None:  # rq private: called by BaseWorker.__init__
+        # rq looks its address up in CLIENT LIST, which shows every client of the server (addresses, users,
+        # commands); tpqueue's Redis ACL user may not run it. The group's host is in tpq:group:<name> instead.
+        connection.client_setname(self.name)
+        self.ip_address = "unknown"
+
     def execute_job(self, job: Job, queue: Queue) -> None:  # BaseWorker's abstract hook; work() is not used
         raise NotImplementedError("BatchWorker runs jobs in batches through start()/succeed(), not execute_job()")
 
