@@ -258,8 +258,22 @@ def cleanup_expired(conn: redis.Redis, queue_names: Iterable[str]) -> int:
         counts = pipe.execute()
     for name, count in zip(names, counts):
         if count:
+            _drop_unreadable_expired(conn, name, now)
             started_registry(conn, name).cleanup(timestamp=now)
     return sum(counts)
+
+
+def _drop_unreadable_expired(conn: redis.Redis, queue_name: str, now: float) -> None:
+    """Drop the expired started entries whose job hash rq cannot read (a corrupt field), as :func:`_abandon` does.
+
+    rq's cleanup raises on the first such hash, which would end the pass
+    (and the supervisor) and leave every other expired job of the queue behind.
+    """
+    key = started_registry(conn, queue_name).key
+    for member in conn.zrangebyscore(key, 0, now):  # rq layout: <job_id>:<execution_id>, scored by expiry
+        job_id, _execution_id = parse_composite_key(_text(member))
+        if conn.exists(Job.key_for(job_id)) and _fetch(conn, job_id) is None:
+            conn.zrem(key, member)
 
 
 def clean_queues(conn: redis.Redis, queue_names: Iterable[str]) -> int:
