@@ -4,6 +4,8 @@ A subcommand's module is imported only when it runs, so client commands
 never import torch. Options before the command apply to every tpq process
 it starts: ``--log-format json`` (or ``TPQ_LOG_FORMAT=json``) makes each of
 them log one JSON object per line, ``--log-level`` sets ``TPQ_LOG_LEVEL``.
+The supervisor and client commands run with unpickling disabled
+(:mod:`common.pickle_guard`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import sys
 
 from common.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
+from common.pickle_guard import disable_pickle
 
 # subcommand -> (module with a ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -27,6 +30,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "supervisor": ("router.cli", "run the recovery supervisor: shard map, dead and hung groups, rq cleanup"),
     "health": ("producer.cli.health", "check the deployment (or one group): exit 0 when healthy, 1 with the reason"),
 }
+
+# Commands that read Redis and need no pickle themselves: unpickling is disabled before they run.
+# (`worker` spawns ranks that unpickle their start-up handshake: its rank 0 disables pickle after that.)
+PICKLE_FREE_COMMANDS = frozenset({"supervisor", "up", "demo", "generate", "chat", "batch", "status", "health"})
 
 # global option -> (environment variable it sets for this process and its children, valid values)
 GLOBAL_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -76,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.update(env)  # the processes this command starts (groups, ranks, supervisor) log the same way
     configure_logging()
+    if command in PICKLE_FREE_COMMANDS:
+        disable_pickle()
     module = importlib.import_module(SUBCOMMANDS[command][0])
     return module.main(rest)
 

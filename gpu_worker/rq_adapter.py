@@ -1,4 +1,4 @@
-"""The one module where tpqueue touches rq internals: an allow-listing job class and a pickle guard.
+"""The one module where tpqueue touches rq internals: an allow-listing job class and the batch worker.
 
 A stock rq worker imports whatever dotted name a job hash holds, for the job
 function and for its success/failure/stopped callbacks (rq 2.12
@@ -6,7 +6,8 @@ function and for its success/failure/stopped callbacks (rq 2.12
 ``rq.utils.import_attribute``), so anyone who can write to Redis can make it
 run ``os.system``. :class:`AllowListedJob` refuses every name that is not in
 :data:`ALLOWED_FUNCS` before anything is imported, and never sends the HTTP
-webhooks (rq 2.12 ``Job.webhooks``) a job hash may name. :func:`disable_pickle`
+webhooks (rq 2.12 ``Job.webhooks``) a job hash may name.
+:func:`disable_pickle` (from :mod:`common.pickle_guard`, re-exported here)
 makes unpickling raise in this process, so a pickle payload written into a
 job hash can never run code here.
 
@@ -29,25 +30,28 @@ out of) and of a job hash (the extra field ``tpq_attempts``).
 """
 from __future__ import annotations
 
-import _pickle
 import logging
-import pickle
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any
 
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry
 from rq.results import Result
-from rq.serializers import DefaultSerializer, JSONSerializer
+from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, import_attribute, now, utcformat
 from rq.worker import BaseWorker, WorkerStatus
 
 from common import keys
 from common.errors import TpqError
 from common.jobs import GENERATE_FUNC
+from common.pickle_guard import (  # noqa: F401 - the worker's pickle guard, re-exported
+    UnpicklingDisabled,
+    disable_pickle,
+    enable_pickle_for_tests,
+    is_pickle_disabled,
+    pickle_disabled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +75,6 @@ class ForbiddenJobFunction(TpqError):
         )
         self.func_name = func_name
         self.role = role
-
-
-class UnpicklingDisabled(TpqError, pickle.UnpicklingError):
-    """Something tried to unpickle in a process where :func:`disable_pickle` is active."""
 
 
 def check_allowed(func_name: object, role: str = "function") -> str:
@@ -167,91 +167,6 @@ def _resolve_callback(name: str | None, role: str) -> Any:
     if not name:
         return None
     return import_attribute(check_allowed(name, role))
-
-
-# ------------------------------------------------------------------ pickle guard
-
-_PATCH_POINTS: tuple[tuple[Any, str], ...] = (
-    (pickle, "loads"), (pickle, "load"), (pickle, "Unpickler"),
-    (pickle, "_loads"), (pickle, "_load"), (pickle, "_Unpickler"),
-    (_pickle, "loads"), (_pickle, "load"), (_pickle, "Unpickler"),
-)
-_originals: dict[tuple[Any, str], Any] = {}
-
-
-def _refuse(what: str) -> NoReturn:
-    log.error("refused %s: unpickling is disabled in this process", what)
-    raise UnpicklingDisabled(
-        f"refusing {what}: unpickling is disabled in this tpqueue worker process (disable_pickle()); "
-        "tpqueue jobs are JSON (rq JSONSerializer), so a pickle payload here is a foreign or malicious job"
-    )
-
-
-def _refusing_loads(data: Any, /, *args: Any, **kwargs: Any) -> NoReturn:
-    _refuse("pickle.loads")
-
-
-def _refusing_load(file: Any, /, *args: Any, **kwargs: Any) -> NoReturn:
-    _refuse("pickle.load")
-
-
-class _RefusingUnpickler(pickle.Unpickler):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _refuse("pickle.Unpickler")
-
-
-_REPLACEMENTS: dict[str, Any] = {
-    "loads": _refusing_loads, "load": _refusing_load, "Unpickler": _RefusingUnpickler,
-    "_loads": _refusing_loads, "_load": _refusing_load, "_Unpickler": _RefusingUnpickler,
-}
-
-
-def disable_pickle() -> None:
-    """Make every unpickling attempt in this process raise :class:`UnpicklingDisabled`.
-
-    Process-wide and meant to be called once, at worker start, before any
-    job is fetched; calling it again does nothing. It replaces ``loads``,
-    ``load`` and ``Unpickler`` (and the pure-Python ``_loads``, ``_load``,
-    ``_Unpickler``) in ``pickle`` and ``_pickle``, and rq's
-    ``DefaultSerializer.loads`` (which bound ``pickle.loads`` at import).
-    Other modules that bound ``pickle.loads`` at their own import keep the
-    original; so does any ``Unpickler`` subclass defined before the call.
-    Anything in the worker that needs pickle (``torch.load`` without
-    ``weights_only``, ``torch.distributed``'s ``*_object`` collectives) fails
-    too: tpqueue uses neither. :func:`enable_pickle_for_tests` undoes it.
-    """
-    if _originals:
-        return
-    for owner, name in _PATCH_POINTS:
-        _originals[(owner, name)] = getattr(owner, name)
-        setattr(owner, name, _REPLACEMENTS[name])
-    _originals[(DefaultSerializer, "loads")] = DefaultSerializer.__dict__["loads"]
-    DefaultSerializer.loads = staticmethod(_refusing_loads)  # type: ignore[assignment]
-    log.info("unpickling disabled in this process")
-
-
-def enable_pickle_for_tests() -> None:
-    """Undo :func:`disable_pickle` (for tests; a worker never re-enables pickle). Idempotent."""
-    while _originals:
-        (owner, name), original = _originals.popitem()
-        setattr(owner, name, original)
-
-
-def is_pickle_disabled() -> bool:
-    """Whether :func:`disable_pickle` is in effect."""
-    return bool(_originals)
-
-
-@contextmanager
-def pickle_disabled() -> Iterator[None]:
-    """:func:`disable_pickle` for the ``with`` block; restores pickle after, unless it was already disabled."""
-    was_disabled = is_pickle_disabled()
-    disable_pickle()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            enable_pickle_for_tests()
 
 
 # ------------------------------------------------------------------ the batch worker
