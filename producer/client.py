@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from redis.exceptions import WatchError as _WatchError
 from rq import Queue
-from rq.exceptions import DuplicateJobError
+from rq.exceptions import DeserializationError, DuplicateJobError
 from rq.job import Job, Retry
 from rq.serializers import JSONSerializer
 
@@ -546,10 +546,18 @@ class Client:
         no tpqueue request.
         """
         keys.validate_job_id(job_id)
-        job = Job.fetch_many([job_id], connection=self.redis, serializer=JSONSerializer)[0]
+        try:
+            job = Job.fetch_many([job_id], connection=self.redis, serializer=JSONSerializer)[0]
+            request = None if job is None else request_from_job_kwargs(job.kwargs)
+        except InvalidRequestError:
+            raise
+        except (DeserializationError, ValueError, TypeError) as exc:  # not JSON (a pickle?), or a corrupt field
+            raise InvalidRequestError(
+                f"job {job_id!r} holds no readable tpqueue request ({type(exc).__name__}); "
+                "it was not submitted by a tpqueue client"
+            ) from None
         if job is None:
             raise JobNotFound(f"no job {job_id!r} in Redis: never submitted, or it expired", job_id=job_id)
-        request = request_from_job_kwargs(job.kwargs)
         return JobHandle(self, job_id, job.origin, request, created=False)
 
     def _open_stream(self, job_id: str, *, start: int = 0, timeout: float | None = None) -> TokenStream:
