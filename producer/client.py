@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from redis.exceptions import WatchError as _WatchError
 from rq import Queue
-from rq.exceptions import DeserializationError, DuplicateJobError
+from rq.exceptions import DeserializationError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, Retry
 from rq.serializers import JSONSerializer
 
@@ -127,6 +127,8 @@ class JobHandle:
         token stream gets a ``cancelled`` end); a running one is stopped by
         its worker, which ends its stream and result with ``finish_reason ==
         "cancelled"``. Either way the stream ends cancelled exactly once.
+        Raises :class:`InvalidRequestError` for a queued job whose hash is not
+        a readable tpqueue job (written into Redis by something else).
         """
         return self._client._cancel(self.id)
 
@@ -551,7 +553,7 @@ class Client:
             request = None if job is None else request_from_job_kwargs(job.kwargs)
         except InvalidRequestError:
             raise
-        except (DeserializationError, ValueError, TypeError) as exc:  # not JSON (a pickle?), or a corrupt field
+        except _UNREADABLE as exc:
             raise InvalidRequestError(
                 f"job {job_id!r} holds no readable tpqueue request ({type(exc).__name__}); "
                 "it was not submitted by a tpqueue client"
@@ -605,7 +607,13 @@ class Client:
                 if state is JobState.RUNNING or not self._still_in_queue(pipe, job_id, raw_status, origin):
                     return True  # a worker has it (or is taking it): it sees the flag and ends the job
                 end = _cancel_end(job_id, pipe.xrevrange(log_key, count=1))
-                job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+                try:
+                    job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+                except _UNREADABLE as exc:
+                    raise InvalidRequestError(
+                        f"job {job_id!r} holds no readable tpqueue request ({type(exc).__name__}), so rq cannot "
+                        "cancel it; a worker that takes it fails it"
+                    ) from None
                 pipe.multi()
                 job.cancel(pipeline=pipe)  # status CANCELED, out of its queue, into rq's CanceledJobRegistry
                 pipe.expire(job_key, self.settings.failure_ttl_s)  # rq would keep a cancelled job forever
@@ -712,7 +720,10 @@ class Client:
         if not requests:
             return []
         ids = [r.request_id for r in requests]
-        jobs = Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer)  # type: ignore[arg-type]
+        try:
+            jobs = Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer)  # type: ignore[arg-type]
+        except _UNREADABLE:  # one hash rq cannot read spoils the lot: read them one by one
+            jobs = [self._readable_job(job_id) for job_id in ids]  # type: ignore[arg-type]
         handles = []
         for submitted, job in zip(requests, jobs):
             queue_name, request = queue_for(submitted, self.settings.num_shards), submitted
@@ -724,6 +735,20 @@ class Client:
                     log.warning("job %s exists but holds no readable tpqueue request", job.id)
             handles.append(JobHandle(self, submitted.request_id, queue_name, request, created=False))  # type: ignore[arg-type]
         return handles
+
+    def _readable_job(self, job_id: str) -> Job | None:
+        """The rq job ``job_id``, or None when it is gone or rq cannot read its hash (logged)."""
+        try:
+            return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return None
+        except _UNREADABLE as exc:
+            log.warning("job %s exists but rq cannot read it (%s)", job_id, type(exc).__name__)
+            return None
+
+
+# What rq raises for a job hash it cannot read: data that is not JSON (a pickle?), a corrupt field.
+_UNREADABLE = (DeserializationError, ValueError, TypeError)
 
 
 def _feed(watch: ResultWatch, response: Any) -> None:

@@ -29,6 +29,7 @@ import base64
 import json
 import logging
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from enum import Enum
@@ -136,13 +137,18 @@ def decode_result_entry(job_id: str, entry_id: bytes | str, fields: dict[Any, An
 
     A successful run gives its :class:`JobResult`; a failed or stopped run a
     :class:`JobFailed` with the worker's message; a ``RETRIED`` entry (the job
-    runs again) gives None.
+    runs again) gives None. An entry that cannot be decoded (not JSON: a
+    pickle?) gives a :class:`JobFailed` that says so; nothing is unpickled.
     """
-    value = _successful_return_value(fields)
-    if value is not _NOT_SUCCESSFUL:
-        return _job_result(job_id, value)
     text_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    result = Result.restore(job_id, text_id, fields, connection=None, serializer=JSONSerializer)  # type: ignore[arg-type]
+    try:
+        value = _successful_return_value(fields)
+        if value is not _NOT_SUCCESSFUL:
+            return _job_result(job_id, value)
+        result = Result.restore(job_id, text_id, fields, connection=None, serializer=JSONSerializer)  # type: ignore[arg-type]
+    except (ValueError, TypeError, zlib.error) as e:  # ValueError includes bad base64, JSON and UTF-8
+        return JobFailed(f"job {job_id!r}: its rq result entry {text_id} cannot be read ({type(e).__name__}); "
+                         "was it written by a tpqueue worker?", job_id=job_id, error=f"{type(e).__name__}: {e}")
     if result.type == Result.Type.RETRIED:
         return None
     if result.type != Result.Type.SUCCESSFUL:
