@@ -30,6 +30,7 @@ out of) and of a job hash (the extra field ``tpq_attempts``).
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -44,6 +45,7 @@ from rq.worker import BaseWorker, WorkerStatus
 
 from common import keys
 from common.errors import TpqError
+from common.groups import FENCED_FIELD
 from common.jobs import GENERATE_FUNC
 from common.pickle_guard import (  # noqa: F401 - the worker's pickle guard, re-exported
     UnpicklingDisabled,
@@ -171,13 +173,20 @@ def _resolve_callback(name: str | None, role: str) -> Any:
 
 # ------------------------------------------------------------------ the batch worker
 
-# KEYS[1]: the group's claimed list; KEYS[2..]: rq queue keys, most urgent first. ARGV[1]: most ids to take.
-# Moves up to ARGV[1] job ids, front first, from the queues into the claimed list in one atomic step, so
-# an id is always in a queue, in the claimed list, or (once started) in rq's StartedJobRegistry.
+# KEYS[1]: the group's claimed list; KEYS[2]: the group's registration hash; KEYS[3..]: rq queue keys, most
+# urgent first. ARGV: most ids to take, this incarnation (JSON-encoded, as registered), the fence field, the
+# incarnation as written in the fence. Moves up to ARGV[1] job ids, front first, from the queues into the
+# claimed list in one atomic step, so an id is always in a queue, in the claimed list, or (once started) in
+# rq's StartedJobRegistry. An incarnation the supervisor has fenced (or that another incarnation replaced)
+# takes nothing and gets {'fenced'}: it cannot take back jobs the supervisor has just requeued.
 _CLAIM_SCRIPT = """
+local current = redis.call('HGET', KEYS[2], 'incarnation')
+if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[4] or (current and current ~= ARGV[2]) then
+  return {'fenced'}
+end
 local taken = {}
 local limit = tonumber(ARGV[1])
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   while #taken < 2 * limit do
     local id = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
     if not id then break end
@@ -190,6 +199,10 @@ return taken
 """
 
 ATTEMPTS_FIELD = "tpq_attempts"  # our field in rq's job hash: how many times a group started the job
+
+
+class ClaimRefused(TpqError):
+    """This incarnation of the group was fenced (or replaced): Redis refused to hand it jobs."""
 
 
 class Claimed:
@@ -223,6 +236,7 @@ class BatchWorker(BaseWorker):
 
     def __init__(self, connection: Any, group: str, incarnation: str, queue_names: list[str], job_ttl_s: int) -> None:
         self.group = keys.validate_group_name(group)
+        self.incarnation = incarnation
         self.job_ttl_s = max(1, int(job_ttl_s))
         self.claimed_key = keys.claimed_jobs(group)
         super().__init__(
@@ -267,7 +281,10 @@ class BatchWorker(BaseWorker):
         """Move up to ``limit`` job ids off ``queue_names`` (in that order of urgency) and fetch their jobs."""
         if limit <= 0 or not queue_names:
             return []
-        flat = self._claim(keys=[self.claimed_key, *map(keys.rq_queue_key, queue_names)], args=[limit])
+        flat = self._claim(keys=[self.claimed_key, keys.group_info(self.group), *map(keys.rq_queue_key, queue_names)],
+                           args=[limit, json.dumps(self.incarnation), FENCED_FIELD, self.incarnation])
+        if len(flat) == 1:
+            raise ClaimRefused(f"group {self.group} incarnation {self.incarnation} is fenced: it may take no job")
         claimed = []
         for i in range(0, len(flat), 2):
             queue_name, raw_id = _text(flat[i])[len(keys.RQ_QUEUE_PREFIX):], flat[i + 1]

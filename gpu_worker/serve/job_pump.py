@@ -35,7 +35,7 @@ from common.schemas import GenerationRequest, check_limits
 from common.settings import Settings
 from common.token_log import queue_messages, resume_point
 from gpu_worker.jobs import engine_priority, prompt_token_ids
-from gpu_worker.rq_adapter import BatchWorker, Claimed, ForbiddenJobFunction, Started
+from gpu_worker.rq_adapter import BatchWorker, Claimed, ClaimRefused, ForbiddenJobFunction, Started
 from gpu_worker.serve.engine_loop import Abort, Admit, EngineLoop, StepReport
 from gpu_worker.tokenizer import Tokenizer
 
@@ -258,13 +258,24 @@ class JobPump(threading.Thread):
         queues = list(self._shard_queues)
         if room > self.max_in_flight * BATCH_RESERVE_FRACTION:
             queues.append(keys.BATCH_QUEUE)
-        claimed = self.worker.claim(queues, min(room, CLAIM_BATCH))
+        try:
+            claimed = self.worker.claim(queues, min(room, CLAIM_BATCH))
+        except ClaimRefused as exc:
+            self._shutdown_mode = "abandon"
+            self.worker.started.clear()
+            raise Fenced(str(exc)) from None
         for item in claimed:
             job_event(log, "claimed", item.job_id, queue=item.queue.name, group=self.group)
             self._admit(item)
         return bool(claimed)
 
     def _admit(self, item: Claimed) -> None:
+        if item.job_id in self.running:
+            # rq requeued a job this group still runs (its started entry expired while the group was slow,
+            # or a fenced run's copy came back twice): the run in the engine serves it; drop the extra id.
+            log.warning("job %s was queued again while it runs here; dropping the duplicate", item.job_id)
+            self.worker.drop_claim(item.job_id)
+            return
         if item.job is None:
             self._fail_unreadable(item)
             return

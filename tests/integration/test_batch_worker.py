@@ -10,7 +10,7 @@ from rq.serializers import JSONSerializer
 
 from common import keys
 from common.jobs import GENERATE_FUNC
-from gpu_worker.rq_adapter import BatchWorker
+from gpu_worker.rq_adapter import BatchWorker, ClaimRefused
 
 QUEUE = keys.shard_queue_name(3)
 
@@ -108,3 +108,26 @@ def test_a_restarted_group_returns_what_its_predecessor_claimed(conn):
     assert worker(conn, "new").return_claimed() == 2
     assert queued(conn) == ["c0", "c1", "c2"]
     assert conn.llen(keys.claimed_jobs("g0")) == 0
+
+
+def test_a_fenced_or_replaced_incarnation_takes_no_job(conn):
+    import time
+
+    from common.groups import GroupInfo, fence, register_group
+
+    enqueue(conn, "f1")
+
+    def register(incarnation: str) -> None:
+        register_group(conn, GroupInfo(group="g0", incarnation=incarnation, tp=1, model="m", host="h", pid=1,
+                                       worker_name=f"tpq-g0-{incarnation}", started_at=time.time()))
+
+    register("inc1")
+    w = worker(conn, "inc1")
+    fence(conn, "g0", "inc1")
+    with pytest.raises(ClaimRefused, match="fenced"):
+        w.claim([QUEUE], 4)
+    register("inc2")  # the restarted group: inc1 stays refused, inc2 takes the job
+    with pytest.raises(ClaimRefused):
+        w.claim([QUEUE], 4)
+    assert queued(conn) == ["f1"]
+    assert [c.job_id for c in worker(conn, "inc2").claim([QUEUE], 4)] == ["f1"]
