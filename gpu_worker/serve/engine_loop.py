@@ -50,7 +50,7 @@ class StepReport:
 
     events: list[TokenEvent] = field(default_factory=list)
     finished: list[GenerationResult] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (request id, why)
+    rejected: list[tuple[str, str, bool]] = field(default_factory=list)  # (request id, why, worth a retry)
 
     def __bool__(self) -> bool:
         return bool(self.events or self.finished or self.rejected)
@@ -112,8 +112,12 @@ class EngineLoop:
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling,
                                     command.priority, resume_token_ids=command.resume_token_ids)
-        except InvalidRequestError as exc:
-            report.rejected.append((command.request_id, str(exc)))
+        except InvalidRequestError as exc:  # the request cannot be served here, now or on a retry
+            report.rejected.append((command.request_id, str(exc), False))
+            return
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not take down the group's other jobs
+            log.exception("request %s could not be added to the engine", command.request_id)
+            report.rejected.append((command.request_id, f"{type(exc).__name__}: {exc}", True))
             return
         self._active.add(command.request_id)
         self.in_flight = len(self._active)

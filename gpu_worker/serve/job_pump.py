@@ -161,11 +161,11 @@ class JobPump(threading.Thread):
             busy = True
             for result in report.finished:
                 self._succeed(result)
-            for job_id, why in report.rejected:
+            for job_id, why, retryable in report.rejected:
                 job = self.running.pop(job_id, None)
                 if job is not None:
                     self._fail(job.started.job, job.started.queue, f"the engine refused the request: {why}",
-                               retry=False, end_written=True)
+                               retry=retryable and _has_retries(job.started.job), num_tokens=job.resumed_tokens)
 
     def _succeed(self, result: GenerationResult) -> None:
         job = self.running.pop(result.request_id, None)
@@ -187,10 +187,11 @@ class JobPump(threading.Thread):
                   group=self.group, finish_reason=result.finish_reason.value,
                   tokens=result.usage.generated_tokens, attempt=job.started.attempt)
 
-    def _fail(self, job, queue_, message: str, *, retry: bool, end_written: bool = False) -> None:
+    def _fail(self, job, queue_, message: str, *, retry: bool, end_written: bool = False, num_tokens: int = 0) -> None:
+        """Fail ``job``; with ``retry`` rq requeues it (its stream stays open), else its stream ends with the error."""
         message = _short(message)
         if not end_written and not retry:
-            self._write_messages([StreamEnd(request_id=job.id, num_tokens=0, error=message)])
+            self._write_messages([StreamEnd(request_id=job.id, num_tokens=num_tokens, error=message)])
         self.worker.fail(job, queue_, message, retry=retry)
         self.failed_jobs += 1
         self.metrics.job_failed()
@@ -329,8 +330,13 @@ class JobPump(threading.Thread):
         job = started.job
         try:
             prompt = prompt_token_ids(self.tokenizer, request)
-        except Exception as exc:  # noqa: BLE001 - a prompt the tokenizer cannot take fails its job, not the pump
-            self._fail(job, started.queue, f"{type(exc).__name__}: {exc}", retry=False)
+        except (TpqError, ValueError) as exc:  # a prompt this model cannot take: a retry would fail the same way
+            self._fail(job, started.queue, f"{type(exc).__name__}: {exc}", retry=False, num_tokens=len(tokens))
+            return
+        except Exception as exc:  # noqa: BLE001 - unexpected: fail this job (retried while it has retries), not the pump
+            log.exception("job %s: preparing its prompt failed", job.id)
+            self._fail(job, started.queue, f"{type(exc).__name__}: {exc}", retry=_has_retries(job),
+                       num_tokens=len(tokens))
             return
         self.running[job.id] = RunningJob(started, request, time.time(), queued_before_s, len(tokens))
         self.loop.submit(Admit(job.id, prompt, request.sampling, engine_priority(request),
@@ -376,3 +382,8 @@ def _short(message: str) -> str:
 def _finish_event(reason: FinishReason) -> str:
     """The lifecycle event a job's end is logged as."""
     return {FinishReason.CANCELLED: "cancelled", FinishReason.DEADLINE: "expired"}.get(reason, "finished")
+
+
+def _has_retries(job) -> bool:
+    """Whether rq's Retry would requeue ``job`` after a failure now."""
+    return bool(job.retries_left)

@@ -76,7 +76,6 @@ class Publisher(threading.Thread):
     def _write(self, report: StepReport) -> None:
         ends = [StreamEnd(request_id=r.request_id, num_tokens=len(r.token_ids), finish_reason=r.finish_reason)
                 for r in report.finished]
-        ends += [StreamEnd(request_id=job_id, num_tokens=0, error=why) for job_id, why in report.rejected]
         pause = 0.1
         while True:
             try:

@@ -1,0 +1,98 @@
+"""A poison job fails in the worker every time: it ends FAILED after its retries; its neighbours run.
+
+The job pump runs for real against the test redis-server (rq bookkeeping,
+claims, retries); the tokenizer is a double that raises an unexpected error
+for the poison prompt, and the engine loop is the inbox only (no model): the
+subject is how the worker handles a job that keeps failing.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from common.results import StreamEnd
+from common.settings import get_settings
+from common.token_log import read_log
+from gpu_worker.serve.engine_loop import StepReport
+from producer import Client
+
+RETRIES = 2
+
+
+class ExplodingTokenizer:
+    """Encodes every prompt to three tokens, except one containing 'poison', which raises (a worker bug)."""
+
+    def encode(self, text: str) -> list[int]:
+        if "poison" in text:
+            raise RuntimeError("tokenizer exploded")
+        return [1, 2, 3]
+
+    def encode_chat(self, messages: Any) -> list[int]:
+        return self.encode(" ".join(m.content for m in messages))
+
+
+class InboxOnly:
+    """The engine loop's inbox: records admissions."""
+
+    def __init__(self) -> None:
+        self.admitted: list[str] = []
+
+    def submit(self, command: Any) -> None:
+        self.admitted.append(command.request_id)
+
+
+@pytest.fixture
+def pump(redis_url: str) -> Iterator[Any]:
+    from gpu_worker.serve.job_pump import JobPump
+
+    settings = get_settings(redis_url=redis_url, job_retries=RETRIES)
+    pump = JobPump(settings, redis_url, "poison-test", "inc-1", InboxOnly(), ExplodingTokenizer(), max_in_flight=100)
+    pump.worker.register()
+    yield pump
+    pump.worker.unregister()
+    pump.conn.close()
+
+
+def test_a_job_that_fails_every_time_ends_failed_after_its_retries_and_its_batch_runs(pump, redis_url):
+    settings = get_settings(redis_url=redis_url, job_retries=RETRIES)
+    with Client(redis_url, settings=settings) as client:
+        batch = client.submit_batch([{"prompt": "fine 1", "request_id": "ok-1"},
+                                     {"prompt": "the poison pill", "request_id": "poison"},
+                                     {"prompt": "fine 2", "request_id": "ok-2"}])
+    assert len(batch) == 3
+    while pump._claim_and_admit():  # the poison goes back to the front after each failure until retries run out
+        pass
+    conn = redis.Redis.from_url(redis_url)
+    poison = Job.fetch("poison", connection=conn, serializer=JSONSerializer)
+    assert poison.get_status() == JobStatus.FAILED
+    assert "RuntimeError: tokenizer exploded" in poison.latest_result().exc_string
+    assert int(conn.hget("rq:job:poison", "tpq_attempts")) == RETRIES + 1
+    [end] = read_log(conn, "poison")  # one end record, written only when no retry was left
+    assert isinstance(end, StreamEnd) and "tokenizer exploded" in end.error
+    assert sorted(pump.loop.admitted) == ["ok-1", "ok-2"]  # each neighbour admitted once, and running
+    for job_id in ("ok-1", "ok-2"):
+        assert Job.fetch(job_id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.STARTED
+
+
+def test_an_unexpected_engine_error_retries_the_job_and_a_refusal_does_not(pump, redis_url):
+    settings = get_settings(redis_url=redis_url, job_retries=RETRIES)
+    with Client(redis_url, settings=settings) as client:
+        client.submit_batch([{"prompt": "a", "request_id": "flaky"}, {"prompt": "b", "request_id": "refused"}])
+    pump._claim_and_admit()
+    assert sorted(pump.loop.admitted) == ["flaky", "refused"]
+    pump.on_written(StepReport(rejected=[("flaky", "RuntimeError: cuda hiccup", True),
+                                         ("refused", "the prompt is longer than the context", False)]))
+    pump._finish_written()
+    conn = redis.Redis.from_url(redis_url)
+    flaky = Job.fetch("flaky", connection=conn, serializer=JSONSerializer)
+    assert flaky.get_status() == JobStatus.QUEUED and flaky.retries_left == RETRIES - 1
+    assert read_log(conn, "flaky") == []  # its stream stays open for the retry
+    refused = Job.fetch("refused", connection=conn, serializer=JSONSerializer)
+    assert refused.get_status() == JobStatus.FAILED
+    [end] = read_log(conn, "refused")
+    assert "longer than the context" in end.error
