@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -121,8 +120,3 @@ class EngineLoop:
             return
         self._active.add(command.request_id)
         self.in_flight = len(self._active)
-
-
-def wall_clock_offset() -> float:
-    """Seconds to add to a ``time.monotonic()`` reading to get Unix time (for timings across processes)."""
-    return time.time() - time.monotonic()
