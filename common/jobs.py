@@ -67,26 +67,8 @@ def queue_for(request: GenerationRequest, num_shards: int) -> str:
     return keys.shard_queue_name(keys.shard_for_session(request.session_id, num_shards))
 
 
-def encode_token_event(event: TokenEvent) -> bytes:
-    """``event`` as compact UTF-8 JSON bytes, for PUBLISH and the token log."""
-    return event.model_dump_json().encode("utf-8")
-
-
-def decode_token_event(data: bytes | str) -> TokenEvent:
-    """The :class:`TokenEvent` in ``data`` (bytes or str from Redis), validated.
-
-    Raises :class:`InvalidRequestError` for anything that is not a valid event.
-    """
-    if not isinstance(data, (bytes, str)):
-        raise InvalidRequestError(f"a token event must be bytes or str, got {type(data).__name__}")
-    try:
-        return TokenEvent.model_validate_json(data)
-    except ValidationError as e:
-        raise InvalidRequestError(f"malformed token event: {describe_validation_error(e)}") from None
-
-
 def encode_stream_message(message: TokenEvent | StreamEnd) -> bytes:
-    """A token event or end record as compact UTF-8 JSON bytes (``encode_token_event`` for both kinds)."""
+    """A token event or end record as compact UTF-8 JSON bytes (for PUBLISH and the token log)."""
     return message.model_dump_json().encode("utf-8")
 
 

@@ -13,13 +13,13 @@ from common import keys
 from common.errors import InvalidRequestError
 from common.jobs import (
     GENERATE_FUNC,
-    decode_token_event,
-    encode_token_event,
+    decode_stream_message,
+    encode_stream_message,
     job_kwargs,
     queue_for,
     request_from_job_kwargs,
 )
-from common.results import ChatMessage, FinishReason, TokenEvent
+from common.results import ChatMessage, FinishReason, StreamEnd, TokenEvent
 from common.sampling import SamplingParams
 from common.schemas import GenerationRequest, check_limits, parse_request
 from common.settings import get_settings
@@ -183,15 +183,18 @@ def test_queue_for():
     assert queue_for(r, 1) == "gen.0"
 
 
-def test_token_event_round_trip():
+def test_stream_messages_round_trip():
     e = TokenEvent(request_id="j1", index=3, token_id=42, text="é", finish_reason=FinishReason.STOP)
-    data = encode_token_event(e)
+    data = encode_stream_message(e)
     assert isinstance(data, bytes) and json.loads(data)["finish_reason"] == "stop"
-    assert decode_token_event(data) == e
-    assert decode_token_event(data.decode()) == e
+    assert decode_stream_message(data) == e
+    assert decode_stream_message(data.decode()) == e
+    end = StreamEnd(request_id="j1", num_tokens=4, finish_reason=FinishReason.STOP)
+    assert decode_stream_message(encode_stream_message(end)) == end
 
 
-@pytest.mark.parametrize("data", [b"", b"not json", b"{}", b'{"request_id":"j","index":-1,"token_id":1,"text":""}', 5])
-def test_bad_token_events_raise_clearly(data):
-    with pytest.raises(InvalidRequestError, match="token event"):
-        decode_token_event(data)
+@pytest.mark.parametrize("data", [b"", b"not json", b"{}", b'{"request_id":"j","index":-1,"token_id":1,"text":""}',
+                                  b'{"kind":"end","request_id":"j","num_tokens":-1}', 5])
+def test_bad_stream_messages_raise_clearly(data):
+    with pytest.raises(InvalidRequestError, match="stream message"):
+        decode_stream_message(data)
