@@ -193,6 +193,11 @@ class JobPump(threading.Thread):
         if not end_written and not retry:
             self._write_messages([StreamEnd(request_id=job.id, num_tokens=num_tokens, error=message)])
         self.worker.fail(job, queue_, message, retry=retry)
+        if retry:  # rq put it back at the front of its queue
+            self.metrics.jobs_retried("job_error")
+            job_event(log, "requeued", job.id, queue=queue_.name, group=self.group, level=logging.WARNING,
+                      reason="job_error", error=message)
+            return
         self.failed_jobs += 1
         self.metrics.job_failed()
         job_event(log, "failed", job.id, queue=queue_.name, group=self.group, level=logging.WARNING, error=message)
