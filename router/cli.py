@@ -108,6 +108,8 @@ def describe_pass(result: PassResult) -> str:
     """A short human summary of one pass."""
     if not result.leader:
         return "standby: another supervisor holds the lock; did nothing"
+    if result.settling:
+        return f"waiting: {result.settling}"
     lines = [f"live groups: {', '.join(result.live) or 'none'}"]
     lines += [f"declared dead: {group}: {reason}" for group, reason in result.declared.items()]
     if result.epoch is not None:

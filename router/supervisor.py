@@ -4,7 +4,11 @@ One pass (:meth:`Supervisor.run_once`, every ``interval_s``):
 
 1. Hold the single-supervisor lock ``keys.supervisor_lock()`` (SET NX PX
    with a random owner id, renewed each pass). Without it the supervisor is
-   a standby and does nothing else.
+   a standby and does nothing else. While Redis has been answering for less
+   than ``heartbeat_ttl_s`` since it restarted, the pass ends here too:
+   the heartbeats and rq job heartbeats written before a restart expired
+   while Redis was down (their TTLs run on the wall clock), and the live
+   ranks have not had time to write new ones.
 2. Read every registered group, its fence and its ranks' heartbeats, and
    classify each incarnation (:class:`Health`): LIVE when every rank's
    heartbeat carries its incarnation and it is not fenced; DEAD when a
@@ -95,6 +99,7 @@ class PassResult:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     expired: int = 0  # expired started entries handed to rq's cleanup
+    settling: str = ""  # why groups were not judged this pass (Redis restarted moments ago)
 
 
 @dataclass
@@ -207,6 +212,8 @@ class Supervisor:
         self._tracker = HangTracker(settings.hang_timeout_s)
         self._leader = False
         self._last_maintenance = float("-inf")
+        self._redis_run_id: str | None = None
+        self._redis_since = float("-inf")  # monotonic time a Redis restart was first seen answering
         self.groups_declared_dead = 0
         self.groups_declared_hung = 0
         self.shard_reassignments = 0
@@ -248,6 +255,9 @@ class Supervisor:
         """One pass (see the module docstring). Standby (``leader=False``, nothing done) without the lock."""
         if not self._hold_lock():
             return PassResult(leader=False)
+        settling = self._redis_settling()
+        if settling:
+            return PassResult(leader=True, settling=settling)
         infos = read_groups(self.conn)
         fenced, beats = self._read_fences_and_beats(infos)
         verdicts = self._judge(infos, fenced, beats)
@@ -289,6 +299,36 @@ class Supervisor:
         self._leader = True
         self._tracker.clear()
         self._last_maintenance = float("-inf")  # sweep what a previous supervisor may have left at once
+
+    def _redis_settling(self) -> str:
+        """Why groups cannot be judged yet ('' when they can): Redis restarted less than a heartbeat TTL ago.
+
+        A rank writes its heartbeat (and rank 0 its jobs' rq heartbeats) at
+        most ``heartbeat_interval_s`` after Redis answers again; the keys it
+        wrote before a restart expired on the wall clock while Redis was
+        down or loading. A restart shows as a new ``run_id``, timed from the
+        first pass that sees it: the lock was just taken, so Redis accepts
+        writes again, and a long AOF load does not eat the grace. The
+        ``run_id`` this supervisor sees first is taken as settled (it may
+        have been started beside a fresh Redis, whose groups start afresh
+        too). A Redis without ``INFO server`` (fakeredis) never waits.
+        """
+        try:
+            run_id = self.conn.info("server").get("run_id")
+        except redis.ResponseError:
+            return ""
+        now = self._monotonic()
+        if run_id != self._redis_run_id:
+            if self._redis_run_id is not None:
+                self._redis_since = now
+                log.info("supervisor %s: Redis restarted (run id %s); judging groups again in %.1f s",
+                         self.owner_id, run_id, self.settings.heartbeat_ttl_s)
+            self._redis_run_id = run_id
+        up_s = now - self._redis_since
+        if up_s >= self.settings.heartbeat_ttl_s:
+            return ""
+        return (f"Redis answers again since {up_s:.1f} s; waiting {self.settings.heartbeat_ttl_s:g} s "
+                "(the heartbeat TTL) for the ranks' heartbeats before judging groups")
 
     # -------------------------------------------------------------- reading and judging
 

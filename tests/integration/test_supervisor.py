@@ -465,3 +465,46 @@ def test_the_real_batch_workers_started_jobs_are_requeued(conn: redis.Redis) -> 
     result = sup.run_once()  # g1 never beat: dead
     assert result.requeued == ["batched"] and queued_ids(conn, queue_name) == ["batched", "behind"]
     assert fetch(conn, "batched").retries_left == 1
+
+
+
+# ------------------------------------------------------------------ Redis restarts
+
+
+def keep_alive(conn: redis.Redis, queue_name: str) -> None:
+    """What rank 0's job pump does every heartbeat interval: push its started jobs' rq expiry forward."""
+    key = StartedJobRegistry(queue_name, connection=conn).key
+    conn.zadd(key, {member: time.time() + 60 for member in conn.zrange(key, 0, -1)})
+
+
+def test_after_a_redis_restart_groups_are_judged_only_once_their_heartbeats_could_return(redis_server, conn) -> None:
+    """Keys written before a restart expire on the wall clock while Redis is down: a live group's heartbeats
+    and its jobs' rq heartbeats are gone when Redis answers again. The supervisor waits one heartbeat TTL
+    before it judges groups or hands expired started jobs to rq's cleanup, so nothing live is fenced or requeued."""
+    sup = supervisor(conn)
+    info = live_group(conn, "g0")
+    queue_name = keys.shard_queue_name(2)
+    start_job(conn, queue_name, "running", info.worker_name, worker_class=ShortTTLWorker)
+    assert sup.run_once().live == ["g0"]
+
+    redis_server.stop()
+    time.sleep(2.1)  # longer than the heartbeat TTL and than the job's rq TTL (rq scores in whole seconds)
+    redis_server.start()
+    assert not conn.exists(keys.heartbeat("g0", 0))
+    waiting = sup.run_once()
+    assert waiting.settling and not waiting.declared and waiting.expired == 0
+    assert cli.describe_pass(waiting).startswith("waiting: ")
+    deadline = time.monotonic() + SETTINGS.heartbeat_ttl_s + 2
+    while (result := sup.run_once()).settling:  # meanwhile the group's ranks and job pump write again
+        beat(conn, info)
+        keep_alive(conn, queue_name)
+        assert time.monotonic() < deadline, "the supervisor did not resume judging groups"
+        time.sleep(0.05)
+    assert result.live == ["g0"] and not result.declared and not result.requeued and result.expired == 0
+    assert fetch(conn, "running").get_status() == JobStatus.STARTED
+
+    redis_server.stop()  # a group that does not beat again after the grace is dead, as ever
+    redis_server.start()
+    assert sup.run_once().settling
+    time.sleep(SETTINGS.heartbeat_ttl_s)
+    assert sup.run_once().declared.keys() == {"g0"}
