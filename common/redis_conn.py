@@ -83,6 +83,21 @@ class _AsyncRetry(redis.asyncio.retry.Retry):
         return await super().call_with_retry(do, fail, lambda e: _retryable(e, is_retryable), with_failure_count)
 
 
+class _TlsConnection(redis.SSLConnection):
+    """redis-py's TLS connection with the handshake bounded by the connect timeout, not the command timeout.
+
+    tpqueue leaves the command timeout unbounded (blocking reads), and
+    redis-py runs the handshake under it: a ``rediss://`` URL that points
+    at a plain-text port then hung forever instead of failing.
+    """
+
+    def _wrap_socket_with_ssl(self, sock):  # type: ignore[no-untyped-def]
+        sock.settimeout(self.socket_connect_timeout)
+        wrapped = super()._wrap_socket_with_ssl(sock)
+        wrapped.settimeout(self.socket_timeout)
+        return wrapped
+
+
 def redact_url(url: str) -> str:
     """``url`` with every password replaced by ``***``; safe to log.
 
@@ -239,6 +254,8 @@ def connect(
     )
     retry = _Retry(ExponentialBackoff(cap=backoff_cap_s, base=backoff_base_s), retries, _RETRY_ERRORS)
     client = redis.Redis.from_url(url, retry=retry, **kwargs)
+    if client.connection_pool.connection_class is redis.SSLConnection:
+        client.connection_pool.connection_class = _TlsConnection
     if check:
         try:
             client.ping()
