@@ -8,6 +8,7 @@ raw payloads of tests/faults/test_bad_input.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import pickle
 import subprocess
@@ -102,10 +103,10 @@ def test_the_client_library_unpickles_nothing_even_with_pickle_enabled(redis_url
     conn.rpush(keys.rq_queue_key(keys.BATCH_QUEUE), "pickled-q")
     plant_pickled_job(conn, "pickled-done", marker, status="finished")
     conn.xadd(keys.rq_result_key("pickled-done"), {"type": "1", "created_at": "2026-01-01T00:00:00.000000Z",
-                                                     "return_value": __import__("base64").b64encode(pickled(marker))})
+                                                     "return_value": base64.b64encode(pickled(marker))})
     plant_pickled_job(conn, "pickled-failed", marker, status="failed")
     conn.xadd(keys.rq_result_key("pickled-failed"), {"type": "2", "created_at": "2026-01-01T00:00:00.000000Z",
-                                                       "return_value": __import__("base64").b64encode(pickled(marker))})
+                                                       "return_value": base64.b64encode(pickled(marker))})
     conn.xadd(keys.token_log("pickled-done"), {"m": pickled(marker)}, id="0-1")
     errors: list[BaseException] = []
 
