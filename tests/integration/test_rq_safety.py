@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import pickle
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import redis
@@ -17,6 +19,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Callback, Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.webhook import Webhook
 
 from gpu_worker import rq_adapter
 from gpu_worker.rq_adapter import AllowListedJob, ForbiddenJobFunction, UnpicklingDisabled
@@ -58,9 +61,9 @@ def conn(redis_url: str) -> Iterator[redis.Redis]:
 def guarded(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Pickle disabled for the test; ``echo`` allowed.
 
-    gpu_worker.jobs.generate does not exist yet, so the test extends the
-    allow-list with the harmless ``echo`` above to show the worker still runs
-    allowed jobs.
+    ``gpu_worker.jobs.generate`` refuses to run outside a worker group, so
+    the test extends the allow-list with the harmless ``echo`` above to show
+    the worker still runs allowed jobs.
     """
     monkeypatch.setattr(rq_adapter, "ALLOWED_FUNCS", rq_adapter.ALLOWED_FUNCS | {ECHO})
     echo_calls.clear()
@@ -250,3 +253,45 @@ def test_undecodable_data_fails_the_job_and_worker_goes_on(conn: redis.Redis, da
     assert "DeserializationError" in exc or "ForbiddenJobFunction" in exc
     assert echo_calls == []
     _assert_worker_still_runs(conn)
+
+
+# ------------------------------------------------------------------ webhooks
+
+
+class _Trap(HTTPServer):
+    """Counts the HTTP requests it gets, on a free local port."""
+
+    def __init__(self) -> None:
+        hits = self.hits = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                hits.append(self.path)
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("job_class", [Job, AllowListedJob], ids=["stock rq job (control)", "AllowListedJob"])
+def test_webhooks_in_a_job_hash_are_never_sent(conn: redis.Redis, job_class: type[Job]) -> None:
+    """rq 2.12 sends a job's webhooks when it ends: an HTTP request anywhere, for anyone who can write to Redis."""
+    trap = _Trap()
+    try:
+        hooks = [Webhook(f"http://127.0.0.1:{trap.server_address[1]}/{s}", s, method="POST", timeout=2)
+                 for s in ("finished", "failed")]
+        queue = _queue(conn)
+        ok = queue.enqueue_call(ECHO, args=("hooked",), webhooks=hooks)
+        bad = queue.enqueue_call(ECHO, webhooks=hooks)  # no argument: TypeError, FAILED
+        SimpleWorker([QUEUE], connection=conn, serializer=JSONSerializer, job_class=job_class).work(burst=True)
+        assert AllowListedJob.fetch(ok.id, connection=conn, serializer=JSONSerializer).get_status() == "finished"
+        assert AllowListedJob.fetch(bad.id, connection=conn, serializer=JSONSerializer).get_status() == "failed"
+        expected = ["/finished", "/failed"] if job_class is Job else []
+        assert sorted(trap.hits) == sorted(expected)
+    finally:
+        trap.shutdown()
+        trap.server_close()
