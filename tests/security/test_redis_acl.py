@@ -3,7 +3,7 @@
 The test server runs with ``requirepass`` (the default user is the
 operator's) and one more user made with ``ACL SETUSER`` and exactly the
 rules the README's "Security" section gives. ``tpq up`` (supervisor and a
-worker group), the Python clients (sync and asyncio) and ``tpq generate``,
+worker group of two ranks), the Python clients (sync and asyncio) and ``tpq generate``,
 ``batch``, ``status`` and ``health`` all use that user; the workload covers
 streaming, batches, cancelling a queued and a running job, and recovery
 after ``kill -9`` of rank 0. Every process logs at DEBUG into one file.
@@ -168,7 +168,7 @@ def acl_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir) -> Iterato
                "TPQ_REDIS_URL": url, "TPQ_DATA_DIR": str(tmp / "data"), "TPQ_MODEL": str(tiny_llama_dir)}
         run = AclRun(url, server, admin, tmp / "stack.log")
         with open(run.log_path, "w") as log:
-            up = subprocess.Popen([sys.executable, "-m", "common.cli", "up", "--groups", "1", "--tp", "1",
+            up = subprocess.Popen([sys.executable, "-m", "common.cli", "up", "--groups", "1", "--tp", "2",
                                    "--max-num-seqs", "2", "--no-metrics"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
