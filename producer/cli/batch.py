@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from tqdm import tqdm
 
 from common.errors import InvalidRequestError, TpqError
+from common.redis_conn import redact_url
 from common.schemas import parse_request
 from producer.cli.common import open_client
 
@@ -83,20 +85,24 @@ def main(argv: list[str]) -> int:
           f"{len(todo)} to run", file=sys.stderr)
     counts = {"finished": 0, "failed": 0, "tokens": 0}
     started = time.perf_counter()
-    with client, args.output.open("a", encoding="utf-8") as out, \
-            tqdm(total=len(requests), initial=len(requests) - len(todo), unit="job", file=sys.stderr) as bar:
-        step = settings.max_batch_size
-        for first in range(0, len(todo), step):
-            batch = client.submit_batch(todo[first:first + step], wait_s=args.wait_s)
-            for handle, outcome in batch.results(timeout=args.timeout_s):
-                out.write(json.dumps(_line(handle.id, outcome)) + "\n")
-                out.flush()
-                if isinstance(outcome, TpqError):
-                    counts["failed"] += 1
-                else:
-                    counts["finished"] += 1
-                    counts["tokens"] += outcome.usage.generated_tokens
-                bar.update(1)
+    try:
+        with client, args.output.open("a", encoding="utf-8") as out, \
+                tqdm(total=len(requests), initial=len(requests) - len(todo), unit="job", file=sys.stderr) as bar:
+            step = settings.max_batch_size
+            for first in range(0, len(todo), step):
+                batch = client.submit_batch(todo[first:first + step], wait_s=args.wait_s)
+                for handle, outcome in batch.results(timeout=args.timeout_s):
+                    out.write(json.dumps(_line(handle.id, outcome)) + "\n")
+                    out.flush()
+                    if isinstance(outcome, TpqError):
+                        counts["failed"] += 1
+                    else:
+                        counts["finished"] += 1
+                        counts["tokens"] += outcome.usage.generated_tokens
+                    bar.update(1)
+    except (TpqError, redis.RedisError) as exc:
+        print(f"\ntpq batch: {redact_url(str(exc))}; run the same command again to resume", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - started
     print(f"tpq batch: {counts['finished']} finished, {counts['failed']} failed; {counts['tokens']} tokens in "
           f"{elapsed:.1f} s ({counts['tokens'] / max(elapsed, 1e-9):.1f} tok/s)", file=sys.stderr)

@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import redis
+
 from common.errors import TpqError
+from common.redis_conn import redact_url
 from producer.cli.common import add_sampling_options, open_client, sampling_from
 from producer.session import Session
 
@@ -20,8 +23,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         client, _ = open_client("chat")
-    except TpqError as exc:
-        print(f"tpq chat: {exc}", file=sys.stderr)
+    except (TpqError, redis.RedisError) as exc:
+        print(f"tpq chat: {redact_url(str(exc))}", file=sys.stderr)
         return 1
     with client:
         session = Session(client, session_id=args.session, system=args.system)
@@ -43,5 +46,5 @@ def main(argv: list[str]) -> int:
                     print(event.text, end="", flush=True)
                 print()
                 session.complete(handle, timeout=args.timeout_s)
-            except TpqError as exc:
-                print(f"\ntpq chat: {exc}", file=sys.stderr)
+            except (TpqError, redis.RedisError) as exc:
+                print(f"\ntpq chat: {redact_url(str(exc))}", file=sys.stderr)

@@ -5,7 +5,10 @@ import argparse
 import sys
 import time
 
+import redis
+
 from common.errors import TpqError
+from common.redis_conn import redact_url
 from producer.cli.common import add_sampling_options, open_client, sampling_from
 
 
@@ -36,8 +39,8 @@ def main(argv: list[str]) -> int:
             for event in handle.stream(timeout=args.timeout_s):
                 print(event.text, end="", flush=True)
             result = handle.result(timeout=args.timeout_s)
-    except TpqError as exc:
-        print(f"\ntpq generate: {exc}", file=sys.stderr)
+    except (TpqError, redis.RedisError) as exc:
+        print(f"\ntpq generate: {redact_url(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if handle is not None:
