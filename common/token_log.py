@@ -7,9 +7,17 @@ The format is described in :mod:`common.jobs`: every message is PUBLISHed on
 the stream's last one, so a message written twice (a retried pipeline, a
 fenced worker still running) is refused by the log instead of stored twice;
 the writer therefore sends each XADD without raising on that error.
+
+Rank 0's publisher appends through :func:`append_messages` instead, a Lua
+script that also refuses to leave a *hole*: a Redis that crashed can come
+back without its last writes (``appendfsync everysec`` loses up to about a
+second), and a writer that kept running would otherwise append past the
+missing entries, a gap no reader can cross. The script tells the writer
+where the log really ends, so that it writes the missing messages again.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,6 +57,79 @@ def queue_messages(pipe: Any, messages: Iterable[StreamMessage], maxlen: int, tt
     return count
 
 
+# KEYS[1]: a job's log. ARGV[1]: its channel, ARGV[2]: MAXLEN (approximate), ARGV[3]: TTL in seconds, ARGV[4]: the
+# position of the first message, ARGV[5..]: messages at consecutive positions from there. The log's next position
+# is its top entry's sequence number (entry 0-<p+1> holds position p). If it is short of the first message, entries
+# went missing: nothing is written, and the next position is returned so the writer can send from there. If the
+# first message's position is missing below the top (a hole left by an earlier writer that could not fill it), the
+# entries above the hole are dropped so that the log can continue gap-free from this writer's messages. Then every
+# message at or past the next position is appended (XADD under its explicit id, PUBLISH) and the rest skipped, as
+# already logged (a retried write, or another writer first); returns -1.
+_APPEND_SCRIPT = """
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local next_position = 0
+if top[1] then next_position = tonumber(string.match(top[1][1], '^0%-(%d+)$') or '0') end
+local first = tonumber(ARGV[4])
+if next_position < first then return next_position end
+local first_id = '0-' .. (first + 1)
+if next_position > first and not redis.call('XRANGE', KEYS[1], first_id, first_id)[1] then
+  local kept = redis.call('XRANGE', KEYS[1], '-', '0-' .. first)
+  redis.call('DEL', KEYS[1])
+  for _, entry in ipairs(kept) do
+    redis.call('XADD', KEYS[1], entry[1], unpack(entry[2]))
+  end
+  next_position = first
+end
+for i = 5, #ARGV do
+  local position = first + i - 5
+  if position >= next_position then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. (position + 1), 'LOG_FIELD', ARGV[i])
+    redis.call('PUBLISH', ARGV[1], ARGV[i])
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return -1
+""".replace("LOG_FIELD", LOG_FIELD)
+_APPEND_SHA = hashlib.sha1(_APPEND_SCRIPT.encode()).hexdigest()
+
+
+def message_runs(messages: Iterable[StreamMessage]) -> list[list[StreamMessage]]:
+    """``messages`` cut into runs of one job's messages at consecutive positions, in order."""
+    runs: list[list[StreamMessage]] = []
+    last: dict[str, list[StreamMessage]] = {}
+    for message in messages:
+        run = last.get(message.request_id)
+        if run is not None and position_of(message) == position_of(run[-1]) + 1:
+            run.append(message)
+        else:
+            last[message.request_id] = [message]
+            runs.append(last[message.request_id])
+    return runs
+
+
+def append_messages(conn: redis.Redis, runs: list[list[StreamMessage]], maxlen: int, ttl_s: int) -> dict[str, int]:
+    """Append each run (from :func:`message_runs`) to its job's log and publish it, in one round trip.
+
+    Returns ``{job_id: next position}`` for the runs that were not written
+    because their log ends short of them (entries went missing): write those
+    again from that position. A message the log already holds is skipped. A
+    connection error raises (the caller retries: it is safe to write a run
+    twice); a command refused by Redis is ignored, as with :func:`queue_messages`.
+    """
+    for _ in range(2):
+        with conn.pipeline(transaction=False) as pipe:
+            for run in runs:
+                job_id = run[0].request_id
+                pipe.evalsha(_APPEND_SHA, 1, keys.token_log(job_id), keys.token_channel(job_id), maxlen, ttl_s,
+                             position_of(run[0]), *(encode_stream_message(m) for m in run))
+            replies = pipe.execute(raise_on_error=False)
+        if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+            break
+        conn.script_load(_APPEND_SCRIPT)  # a new or restarted Redis: load it and write again (runs are idempotent)
+    return {run[0].request_id: int(reply) for run, reply in zip(runs, replies)
+            if isinstance(reply, int) and reply >= 0}
+
+
 def read_log(conn: redis.Redis, job_id: str, start: int = 0, count: int | None = None) -> list[StreamMessage]:
     """The messages of ``job_id``'s log from position ``start`` on, in order (at most ``count``)."""
     entries = conn.xrange(keys.token_log(job_id), min=log_entry_id(start), max="+", count=count)
@@ -57,10 +138,17 @@ def read_log(conn: redis.Redis, job_id: str, start: int = 0, count: int | None =
 
 
 def resume_point(conn: redis.Redis, job_id: str) -> tuple[list[TokenEvent], StreamEnd | None]:
-    """What an earlier run of ``job_id`` already streamed: its token events and, if it got that far, its end."""
+    """What an earlier run of ``job_id`` already streamed: its token events and, if it got that far, its end.
+
+    Only the log's gap-free beginning counts: after a hole (entries a crashed
+    Redis lost) the job resumes at the hole, and its writer's first append
+    drops the entries above it (see :func:`append_messages`).
+    """
     tokens: list[TokenEvent] = []
     end = None
     for message in read_log(conn, job_id):
+        if position_of(message) != len(tokens):
+            break
         if isinstance(message, StreamEnd):
             end = message
             break

@@ -1,12 +1,17 @@
 """Rank 0's publisher thread: each step's token events and end records to Redis in one pipeline.
 
 It takes :class:`StepReport` objects from the engine loop, merges whatever
-has queued up, and writes them with :func:`common.token_log.queue_messages`
-(PUBLISH on the job's channel, XADD to its durable log) in one round trip.
+has queued up, and writes them with :func:`common.token_log.append_messages`
+(XADD to the job's durable log, PUBLISH on its channel) in one round trip.
 Only after a job's last messages are written does it hand the job's result
 to ``on_written``, so a job is never reported finished before its tokens
 are readable. A Redis outage stalls this thread (with retries and back-off),
 never the decode loop.
+
+It keeps every message it wrote for a running job. A Redis that crashed can
+come back without its last writes; the log then ends short of the next
+message, and the publisher writes the missing ones again from what it kept,
+so the log never has a hole while the job runs here.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import redis
 from common.metrics import GroupMetrics
 from common.redis_conn import connect
 from common.results import StreamEnd
-from common.token_log import queue_messages
+from common.jobs import StreamMessage
+from common.token_log import append_messages, message_runs, position_of, queue_messages
 from gpu_worker.serve.engine_loop import StepReport
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ class Publisher(threading.Thread):
         self._on_written = on_written
         self._metrics = metrics
         self._reports: queue.SimpleQueue[StepReport | None] = queue.SimpleQueue()
+        self._kept: dict[str, list[StreamMessage]] = {}  # per running job: its messages written here, in order
         self.messages_written = 0
         self.latencies_s: list[float] = []  # sampled -> written, for the benchmark (bounded below)
 
@@ -76,24 +83,64 @@ class Publisher(threading.Thread):
     def _write(self, report: StepReport) -> None:
         ends = [StreamEnd(request_id=r.request_id, num_tokens=len(r.token_ids), finish_reason=r.finish_reason)
                 for r in report.finished]
+        runs = message_runs([*report.events, *ends])
         pause = 0.1
         while True:
             try:
-                with self._conn.pipeline(transaction=False) as pipe:
-                    queue_messages(pipe, [*report.events, *ends], self._maxlen, self._ttl_s)
-                    pipe.execute(raise_on_error=False)  # a duplicate XADD (after a retry) is refused, harmlessly
+                short = append_messages(self._conn, runs, self._maxlen, self._ttl_s)
+                if short:
+                    self._write_missing(runs, short)
                 break
             except redis.RedisError as exc:
                 log.warning("publishing %d token events failed (%s); retrying in %.1f s",
                             len(report.events), exc, pause)
                 time.sleep(pause)
                 pause = min(pause * 2, RETRY_PAUSE_CAP_S)
+        self._keep(runs)
         now = time.time()
         if self._metrics is not None:
             self._metrics.tokens_published(report.events, [end.request_id for end in ends])
         self.messages_written += len(report.events) + len(ends)
         if len(self.latencies_s) < 1_000_000:
             self.latencies_s.extend(now - e.sampled_at for e in report.events if e.sampled_at is not None)
+
+    def _write_missing(self, runs: list[list[StreamMessage]], short: dict[str, int]) -> None:
+        """Write the runs whose log ends short of them again, from the log's end, with the messages kept."""
+        again = []
+        for run in runs:
+            job_id = run[0].request_id
+            if job_id not in short:
+                continue
+            kept = self._kept.get(job_id, [])
+            if not kept or position_of(kept[-1]) + 1 != position_of(run[0]):
+                kept = []
+            have = position_of(kept[0]) if kept else position_of(run[0])
+            if have > short[job_id]:
+                log.error("job %s: its token log ends at %d but this run began at %d (Redis lost entries an "
+                          "earlier run wrote); writing on at %d leaves a gap its readers cannot cross",
+                          job_id, short[job_id], have, position_of(run[0]))
+                with self._conn.pipeline(transaction=False) as pipe:
+                    queue_messages(pipe, run, self._maxlen, self._ttl_s)
+                    pipe.execute(raise_on_error=False)
+                continue
+            log.warning("job %s: its token log ends at %d, short of %d (Redis lost its last writes); "
+                        "writing the missing messages again", job_id, short[job_id], position_of(run[0]))
+            again.append(kept[short[job_id] - have:] + run)
+        if again:
+            append_messages(self._conn, again, self._maxlen, self._ttl_s)
+
+    def _keep(self, runs: list[list[StreamMessage]]) -> None:
+        """Remember the messages written for each running job; forget a job once its end is written."""
+        for run in runs:
+            job_id = run[0].request_id
+            if isinstance(run[-1], StreamEnd):
+                self._kept.pop(job_id, None)
+                continue
+            kept = self._kept.setdefault(job_id, [])
+            if kept and position_of(run[0]) > position_of(kept[-1]) + 1:
+                kept.clear()  # not a continuation: keep from here
+            next_position = position_of(kept[-1]) + 1 if kept else 0
+            kept.extend(m for m in run if position_of(m) >= next_position)
 
 
 def _merge(reports: list[StepReport]) -> StepReport:
