@@ -8,7 +8,6 @@ picked free, and its own data directory.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.util
 import os
 import shutil
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import redis
+
+from common.parent_death import signal_on_parent_death
 
 DEFAULT_PORT = 6379
 START_TIMEOUT_S = 10.0
@@ -54,17 +55,6 @@ def free_port(host: str = "127.0.0.1") -> int:
             port = s.getsockname()[1]
         if port != DEFAULT_PORT:
             return port
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the parent thread dies, so no server outlives a crashed run.
-
-    Used only for servers started from the main thread (the signal follows
-    the thread that forked, not the process).
-    """
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class RedisServer:
@@ -219,7 +209,10 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
+            # SIGKILL with its parent thread, so no server outlives a crashed run; only from the main thread,
+            # since a server (re)started from a short-lived thread would die with that thread.
+            preexec_fn=signal_on_parent_death(signal.SIGKILL)
+            if threading.current_thread() is threading.main_thread() else None,
         )
         self._wait_until_ready()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import redis
 
 from common.embedded_redis import RedisServer
+from common.parent_death import signal_on_parent_death
 from common.groups import read_groups, read_heartbeats, read_shard_map
 from common.redis_conn import connect, redact_url
 from common.settings import Settings
@@ -153,7 +154,10 @@ class LocalStack:
         env = dict(os.environ, TPQ_REDIS_URL=self.redis_url)
         if self.options.log_level:
             env["TPQ_LOG_LEVEL"] = self.options.log_level
-        return subprocess.Popen([sys.executable, "-m", "common.cli", *tpq_args], env=env)
+        # SIGTERM (a clean stop) when the thread that spawns it ends: the main thread, or the supervisor guard,
+        # which runs until stop(); so a `tpq up` killed with SIGKILL leaves no supervisor or group behind.
+        return subprocess.Popen([sys.executable, "-m", "common.cli", *tpq_args], env=env,
+                                preexec_fn=signal_on_parent_death(signal.SIGTERM))
 
     def _supervisor_args(self) -> list[str]:
         return ["supervisor", "--metrics-port", str(self.metrics_ports["supervisor"])]
