@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "9461)")
     parser.add_argument("--rank0", action="store_true", help=argparse.SUPPRESS)  # the launcher's child
     parser.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)  # the launcher's count so far
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's ready pipe
     return parser
 
 
@@ -71,11 +72,13 @@ def main(argv: list[str]) -> int:
 
         install_stop_signals(stop)
         port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
-        options = GroupOptions(group, engine_options(args, settings), metrics_port=port, restarts=args.restarts)
+        options = GroupOptions(group, engine_options(args, settings), metrics_port=port, restarts=args.restarts,
+                               ready_fd=args.ready_fd)
         return serve(settings, settings.redis_url, options, stop)
     from gpu_worker.serve.group import install_stop_signals
     from gpu_worker.serve.launcher import GroupLauncher
 
     install_stop_signals(stop)
     command = [sys.executable, "-m", "common.cli", "worker", *argv, "--group", group, "--rank0"]
-    return GroupLauncher(command, group, restarts_option="--restarts").run(stop, restart=not args.no_restart)
+    launcher = GroupLauncher(command, group, restarts_option="--restarts", ready_option="--ready-fd")
+    return launcher.run(stop, restart=not args.no_restart)

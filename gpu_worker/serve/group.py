@@ -54,6 +54,7 @@ class GroupOptions:
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields (model, tp, dtype, ...)
     metrics_port: int = 0
     restarts: int = 0
+    ready_fd: int | None = None  # a pipe to the launcher: one byte once the group serves
 
 
 def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threading.Event | None = None) -> int:
@@ -95,6 +96,7 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
         pump.start()
         _stop_when_thread_ends(pump, stop, loop_done)
         log.info("group %s ready: worker %s", options.group, pump.worker.name)
+        _tell_launcher_ready(options.ready_fd)
         loop.run(stop)
         if isinstance(pump.error, Fenced):
             code = EXIT_FENCED
@@ -119,6 +121,17 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
         engine.shutdown()
     log.info("group %s (incarnation %s) stopped with exit code %d", options.group, incarnation, code)
     return code
+
+
+def _tell_launcher_ready(fd: int | None) -> None:
+    """Write the launcher's ready byte (its back-off starts over), if it gave a pipe."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"1")
+        os.close(fd)
+    except OSError as exc:  # the launcher is gone: nothing to tell
+        log.debug("could not tell the launcher the group is ready: %s", exc)
 
 
 def install_stop_signals(stop: threading.Event) -> None:
