@@ -135,7 +135,10 @@ def check_limits(request: GenerationRequest, settings: Settings) -> GenerationRe
     """Return ``request`` if it fits the deployment's limits, else raise :class:`InvalidRequestError`.
 
     Checks the input size against ``settings.max_prompt_chars`` and
-    ``sampling.max_tokens`` against ``settings.max_tokens_limit``.
+    ``sampling.max_tokens`` against ``settings.max_tokens_limit``. A request
+    that left ``max_tokens`` at its default gets the limit instead when the
+    default is over it (a deployment with ``TPQ_MAX_TOKENS_LIMIT=100`` serves
+    ``submit("hi")``); only an explicit ``max_tokens`` over the limit is refused.
     """
     chars = request.input_chars
     if chars > settings.max_prompt_chars:
@@ -143,6 +146,10 @@ def check_limits(request: GenerationRequest, settings: Settings) -> GenerationRe
             f"the {'prompt' if request.prompt is not None else 'messages'} total {chars} characters; "
             f"at most {settings.max_prompt_chars} are allowed (TPQ_MAX_PROMPT_CHARS)"
         )
+    sampling = request.sampling
+    if sampling.max_tokens > settings.max_tokens_limit and "max_tokens" not in sampling.model_fields_set:
+        capped = sampling.model_copy(update={"max_tokens": settings.max_tokens_limit})
+        request = request.model_copy(update={"sampling": capped})
     if request.sampling.max_tokens > settings.max_tokens_limit:
         raise InvalidRequestError(
             f"max_tokens is {request.sampling.max_tokens}; at most {settings.max_tokens_limit} "

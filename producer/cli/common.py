@@ -9,8 +9,9 @@ from common.stack_info import redis_url_for
 from producer.client import Client
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="tokens to generate at most (default 256, or TPQ_MAX_TOKENS_LIMIT if lower)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -19,8 +20,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 256)
 
 def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling keywords of ``Client.submit`` that the command line set."""
-    options = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    for name in ("top_p", "top_k", "seed"):
+    options = {"temperature": args.temperature}
+    for name in ("max_tokens", "top_p", "top_k", "seed"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     return options

@@ -89,6 +89,16 @@ def test_check_limits():
         check_limits(GenerationRequest(prompt="x", sampling={"max_tokens": 6}), s)
 
 
+def test_a_default_max_tokens_over_the_limit_becomes_the_limit():
+    s = get_settings(max_tokens_limit=100)
+    capped = check_limits(GenerationRequest(prompt="x"), s)
+    assert capped.sampling.max_tokens == 100
+    assert parse_request(capped.model_dump(mode="json")).sampling.max_tokens == 100  # what the worker reads
+    assert check_limits(GenerationRequest(prompt="x"), get_settings()).sampling.max_tokens == 256
+    with pytest.raises(InvalidRequestError, match="max_tokens is 256; at most 100"):
+        check_limits(GenerationRequest(prompt="x", sampling={"max_tokens": 256}), s)  # asked for: refused
+
+
 # ---------------------------------------------------------------- hypothesis: garbage in, clean errors out
 
 _json_leaf = st.one_of(
