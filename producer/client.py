@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -357,7 +358,11 @@ class Client:
     def _checked(self, request: GenerationRequest, now: float | None = None) -> GenerationRequest:
         if request.request_id is None:
             request = request.model_copy(update={"request_id": uuid.uuid4().hex})
-        check_limits(request, self.settings)
+        if not request.sampling.greedy and request.sampling.seed is None:
+            # Stored with the job, so a run after a crash (or a lost completion) draws the same tokens.
+            seeded = request.sampling.model_copy(update={"seed": secrets.randbits(62)})
+            request = request.model_copy(update={"sampling": seeded})
+        request = check_limits(request, self.settings)
         deadline = request.deadline_unix_s
         if deadline is not None:
             now = time.time() if now is None else now
@@ -387,7 +392,9 @@ class Client:
 
         Give ``prompt`` (text) or ``messages`` (chat turns), not both. Extra
         keyword arguments are :class:`~common.sampling.SamplingParams` fields
-        (``temperature``, ``max_tokens``, ...). ``request_id`` (default: a new
+        (``temperature``, ``max_tokens``, ...); a sampled request without a
+        ``seed`` gets a random one, stored with the job, so that a run after
+        a crash draws the same tokens. ``request_id`` (default: a new
         uuid4 hex) is the job id and an idempotency key: if that job already
         exists, its handle is returned (``created=False``) and nothing is
         enqueued. If the target queue holds ``max_queue_depth`` jobs, waits up

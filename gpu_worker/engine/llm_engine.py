@@ -94,8 +94,8 @@ class LLMEngine:
         streamed) before an earlier run of it died: they are prefilled with
         the prompt, count as generated, and the events continue at index
         ``len(resume_token_ids)``, with text deltas that continue the text
-        already sent. Greedy requests resume exactly; a seeded sampled one
-        continues validly but restarts its random stream.
+        already sent. Greedy and seeded requests continue as the run that
+        died would have (the sampler keys its draws by seed and token index).
         """
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")

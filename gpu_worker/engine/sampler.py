@@ -23,13 +23,19 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 class Sampler:
-    """Greedy or temperature/top-k/top-p sampling; each request draws from its own generator.
+    """Greedy or temperature/top-k/top-p sampling from a random stream keyed by (request seed, token index).
 
-    A request with a ``seed`` gets the same tokens whatever else runs beside it.
+    A request with a ``seed`` gets the same tokens whatever else runs beside
+    it, and a request resumed at token ``k`` after a crash (its first ``k``
+    tokens prefilled) draws token ``k`` with the same random number as the
+    run that died: a seeded job that runs again completes with the tokens it
+    would have had (up to float differences between a prefill and a decode
+    step, which can flip a draw that falls right on a boundary).
     """
 
     def __init__(self) -> None:
-        self._generators: dict[int, torch.Generator] = {}
+        self._seeds: dict[int, int] = {}  # seq_id -> the request's seed, or one drawn for it
+        self._generator = torch.Generator()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         # logits: [seqs, vocab] float32
@@ -40,18 +46,24 @@ class Sampler:
         return tokens
 
     def release(self, seq: Sequence) -> None:
-        self._generators.pop(seq.seq_id, None)
+        self._seeds.pop(seq.seq_id, None)
 
     def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
         params: SamplingParams = seq.sampling
-        logits = logits.cpu()  # the per-request generators live on the CPU
+        logits = logits.cpu()  # the generator lives on the CPU
         logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
         probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator(seq)))
+        seed = self._seeds.get(seq.seq_id)
+        if seed is None:
+            seed = self._seeds[seq.seq_id] = params.seed if params.seed is not None else random.getrandbits(63)
+        self._generator.manual_seed(token_seed(seed, seq.num_generated_tokens))
+        return int(torch.multinomial(probs, 1, generator=self._generator))
 
-    def _generator(self, seq: Sequence) -> torch.Generator:
-        generator = self._generators.get(seq.seq_id)
-        if generator is None:
-            seed = seq.sampling.seed if seq.sampling.seed is not None else random.getrandbits(63)
-            generator = self._generators[seq.seq_id] = torch.Generator().manual_seed(seed)
-        return generator
+
+def token_seed(seed: int, index: int) -> int:
+    """The generator seed for token ``index`` of a request seeded ``seed``: splitmix64 of the pair, in [0, 2**63)."""
+    mask = (1 << 64) - 1
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1

@@ -31,12 +31,6 @@ def client(redis_url):
         yield c
 
 
-@pytest.fixture
-def raw(redis_url):
-    with redis.Redis.from_url(redis_url) as r:
-        yield r
-
-
 def raw_job(raw: redis.Redis, job_id: str) -> dict[str, bytes]:
     return {k.decode(): v for k, v in raw.hgetall(keys.rq_job_key(job_id)).items()}
 
@@ -94,6 +88,18 @@ def test_job_is_json_with_ttls_and_retries(client, raw):
     assert len(fields["description"]) < 100  # not the whole prompt again
     job = Job.fetch("req-1", connection=raw, serializer=JSONSerializer)
     assert job.func_name == GENERATE_FUNC and job.retries_left == client.settings.job_retries
+
+
+def test_a_sampled_request_without_a_seed_is_stored_with_one(client, raw):
+    """So that a run after a crash draws the same tokens (the sampler keys draws by seed and index)."""
+    sampled = [client.submit("a", request_id=f"sampled-{i}", temperature=0.7) for i in range(2)]
+    seeds = [request_from_job_kwargs(json.loads(zlib.decompress(raw_job(raw, h.id)["data"]))[3]).sampling.seed
+             for h in sampled]
+    assert None not in seeds and seeds[0] != seeds[1]
+    assert client.submit("b", temperature=0.7, seed=5).request.sampling.seed == 5  # a given seed is kept
+    assert client.submit("c", temperature=0).request.sampling.seed is None  # greedy needs none
+    [batched] = client.submit_batch([{"prompt": "d", "sampling": {"temperature": 1.0}}]).handles
+    assert batched.request.sampling.seed is not None
 
 
 def test_duplicate_request_id_gives_one_job(client, raw):

@@ -123,6 +123,18 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
     assert b.token_ids != a.token_ids
 
 
+@pytest.mark.parametrize("resume_at", [1, 7])
+def test_a_resumed_seeded_request_draws_what_the_uninterrupted_run_drew(engine, resume_at):
+    prompt = engine.tokenizer.encode("Resume me with a seed")
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=777, max_tokens=16, ignore_eos=True)
+    [whole] = engine.generate(as_token_prompt(prompt), sampling)
+    llm, finished = engine.llm, []
+    llm.add_request("seeded-resume", prompt, sampling, resume_token_ids=whole.token_ids[:resume_at])
+    while llm.has_unfinished():
+        finished += llm.step().finished
+    assert finished[0].token_ids == whole.token_ids
+
+
 def test_chat_prompt_uses_the_template(engine):
     messages = [{"role": "user", "content": "hi"}]
     [result] = engine.generate(messages, SamplingParams(temperature=0, max_tokens=3))
