@@ -222,6 +222,21 @@ def _client_kwargs(
     return kwargs
 
 
+def retries_for(outage_s: float, backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
+                backoff_cap_s: float = DEFAULT_BACKOFF_CAP_S) -> int:
+    """The ``retries`` of :func:`connect` whose back-off waits out an outage of ``outage_s`` seconds.
+
+    The default (:data:`DEFAULT_RETRIES`) covers about 5 s: a blip. A Redis
+    restart that reloads a large AOF ("Redis is loading the dataset in
+    memory") takes longer, and a process that can wait for it should.
+    """
+    retries, waited = 0, 0.0
+    while waited < outage_s:
+        retries += 1
+        waited += min(backoff_cap_s, backoff_base_s * 2 ** retries)
+    return retries
+
+
 def connect(
     url: str,
     *,

@@ -37,10 +37,8 @@ from typing import Any
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.registry import FailedJobRegistry
-from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.utils import current_timestamp, import_attribute, now, utcformat
+from rq.utils import import_attribute, now
 from rq.worker import BaseWorker, WorkerStatus
 
 from common import keys
@@ -54,6 +52,7 @@ from common.pickle_guard import (  # noqa: F401 - the worker's pickle guard, re-
     is_pickle_disabled,
     pickle_disabled,
 )
+from common.rq_failure import queue_unreadable_failure
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +197,7 @@ end
 return taken
 """
 
-ATTEMPTS_FIELD = "tpq_attempts"  # our field in rq's job hash: how many times a group started the job
+ATTEMPTS_FIELD = keys.JOB_ATTEMPTS_FIELD  # our field in rq's job hash: how many times a group started the job
 
 
 class ClaimRefused(TpqError):
@@ -305,6 +304,25 @@ class BatchWorker(BaseWorker):
             return Claimed(job_id, queue, None, f"{type(exc).__name__}: {exc}")
         return Claimed(job_id, queue, job, None)
 
+    def start_again(self, job: Job, queue: Queue, logged: int = 0) -> Started:
+        """Record ``job``, which this worker still runs, as started anew; its earlier execution is dropped.
+
+        For a job that came back through a queue while it runs here: rq's
+        cleanup requeued it (its started entry expired while the group was
+        slow), or a crashed Redis lost its hash and its client submitted it
+        again. Either way Redis no longer says that this worker runs it, and
+        a crash of the group would leave it in no queue and no registry.
+        """
+        old = self.started.pop(job.id, None)
+        if old is not None:
+            with self.connection.pipeline(transaction=True) as pipe:
+                pipe.multi()
+                self.execution = old.execution  # rq private: cleanup_execution deletes self.execution
+                self.cleanup_execution(old.job, pipeline=pipe)
+                pipe.execute()
+            self.execution = None
+        return self.start(job, queue, logged=logged)
+
     def drop_claim(self, job_id: str) -> None:
         """Forget a claimed id whose job hash is gone (nothing rq could finish)."""
         self.connection.lrem(self.claimed_key, 1, job_id)
@@ -313,21 +331,13 @@ class BatchWorker(BaseWorker):
         """End a claimed job whose hash rq cannot read as FAILED with ``message``; False (only dropped) if it has no hash.
 
         rq's own failure path needs a readable job, so this writes what it
-        would: status ``failed`` in the hash, the id in the queue's
-        FailedJobRegistry, a failure result (what clients read), and the
-        failure TTL on the hash.
+        would (:func:`common.rq_failure.queue_unreadable_failure`).
         """
-        job_key = keys.rq_job_key(job_id)
-        exists = bool(self.connection.exists(job_key))
+        exists = bool(self.connection.exists(keys.rq_job_key(job_id)))
         with self.connection.pipeline(transaction=True) as pipe:
             pipe.lrem(self.claimed_key, 1, job_id)
             if exists:
-                pipe.hset(job_key, mapping={"status": JobStatus.FAILED.value, "ended_at": utcformat(now())})
-                pipe.expire(job_key, failure_ttl)
-                registry = FailedJobRegistry(queue.name, connection=self.connection, serializer=JSONSerializer)
-                pipe.zadd(registry.key, {job_id: current_timestamp() + failure_ttl})
-                bare = Job(job_id, connection=self.connection, serializer=JSONSerializer)  # rq reads only its id
-                Result.create_failure(bare, failure_ttl, exc_string=message, worker_name=self.name, pipeline=pipe)
+                queue_unreadable_failure(pipe, self.connection, job_id, queue.name, message, failure_ttl, self.name)
             pipe.execute()
         return exists
 
@@ -345,14 +355,21 @@ class BatchWorker(BaseWorker):
             count += origin is not None
         return count
 
-    def start(self, job: Job, queue: Queue) -> Started:
-        """Record ``job`` as started by this worker (status STARTED, an Execution in its StartedJobRegistry)."""
+    def start(self, job: Job, queue: Queue, logged: int = 0) -> Started:
+        """Record ``job`` as started by this worker (status STARTED, an Execution in its StartedJobRegistry).
+
+        ``logged``: how many messages the job's token log already holds (an
+        earlier attempt's), kept in the job hash so that whoever requeues the
+        job after a crash can tell whether this attempt made progress
+        (:func:`common.token_log.attempt_made_progress`).
+        """
         execution = self.prepare_execution(job)  # rq: creates the Execution, sets self.execution
         self.prepare_job_execution(job)  # rq: status STARTED, started_at, worker_name
         with self.connection.pipeline(transaction=True) as pipe:
             pipe.lrem(self.claimed_key, 1, job.id)
             pipe.hincrby(job.key, ATTEMPTS_FIELD, 1)
-            _, attempt = pipe.execute()
+            pipe.hset(job.key, keys.JOB_LOGGED_AT_START_FIELD, logged)
+            _, attempt, _ = pipe.execute()
         self.execution = None
         started = self.started[job.id] = Started(job, queue, execution, int(attempt))
         return started

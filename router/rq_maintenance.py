@@ -15,7 +15,9 @@ Requeueing mirrors ``StartedJobRegistry.cleanup`` (rq's abandoned-job path)
 for one execution at a time: a job with ``retries_left > 0`` goes through
 ``Job.retry`` (``retries_left`` decremented, enqueued at the front when the
 job was enqueued with ``Retry(enqueue_at_front=True)``); otherwise it
-becomes FAILED with a message saying why. Unlike ``cleanup`` it works before
+becomes FAILED with a message saying why; a job whose abandoned attempt
+streamed a token is requeued without using up a retry (see
+:func:`_requeue_or_fail`). Unlike ``cleanup`` it works before
 the execution's TTL runs out (a hung worker keeps refreshing it), gives a
 clear reason, and claims each execution in a WATCH/MULTI transaction with
 the requeue, so a job is requeued once even when rq's cleanup or the job's
@@ -34,6 +36,7 @@ from typing import Any
 
 import redis
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
@@ -44,6 +47,8 @@ from rq.worker_registration import clean_worker_registry
 
 from common import keys
 from common.groups import FENCED_FIELD
+from common.rq_failure import failure_ttl_of, queue_unreadable_failure
+from common.token_log import attempt_made_progress
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +205,20 @@ def _abandon(
                 pipe.watch(claim_key, Job.key_for(job_id))
                 if not still_held(pipe):
                     return Outcome.GONE
-                job = _fetch(conn, job_id)
+                job, unreadable = _fetch(conn, job_id)
+                failure_ttl_s = failure_ttl_of(conn, job_id) if unreadable else 0
+                progressed = job is not None and attempt_made_progress(conn, job_id)
                 pipe.multi()
                 release(pipe, job)
+                if unreadable:
+                    message = f"the job cannot be read ({unreadable}); {reason}"
+                    queue_unreadable_failure(pipe, conn, job_id, rq_queue.name, message, failure_ttl_s, worker_name)
+                    pipe.execute()
+                    return Outcome.FAILED
                 if job is None:
                     pipe.execute()
                     return Outcome.GONE
-                outcome = _requeue_or_fail(job, rq_queue, pipe, reason, worker_name, execution_id)
+                outcome = _requeue_or_fail(job, rq_queue, pipe, reason, worker_name, execution_id, progressed)
                 pipe.execute()
             except redis.WatchError:
                 continue
@@ -217,20 +229,33 @@ def _abandon(
     return None
 
 
-def _fetch(conn: redis.Redis, job_id: str) -> Job | None:
+def _fetch(conn: redis.Redis, job_id: str) -> tuple[Job | None, str | None]:
+    """``(job, None)``; ``(None, None)`` when it has no hash; ``(None, why)`` when its hash cannot be read."""
     try:
-        return SupervisorJob.fetch(job_id, connection=conn, serializer=JSONSerializer)
+        return SupervisorJob.fetch(job_id, connection=conn, serializer=JSONSerializer), None
     except redis.RedisError:
         raise  # Redis trouble ends the pass; the entry stays for the next one
-    except Exception as exc:  # noqa: BLE001 - NoSuchJobError or an unreadable hash: nothing rq could requeue
-        log.warning("job %s: cannot read it (%s: %s); dropping its started entry", job_id, type(exc).__name__, exc)
-        return None
+    except NoSuchJobError:
+        log.warning("job %s: its hash is gone (expired or deleted); dropping its started entry", job_id)
+        return None, None
+    except Exception as exc:  # noqa: BLE001 - a corrupt or hostile field: rq cannot requeue it, so it fails
+        why = f"{type(exc).__name__}: {exc}"[:300]
+        log.warning("job %s: cannot read it (%s); marking it FAILED", job_id, why)
+        return None, why
 
 
 def _requeue_or_fail(
-    job: Job, rq_queue: Queue, pipe: Any, reason: str, worker_name: str, execution_id: str | None
+    job: Job, rq_queue: Queue, pipe: Any, reason: str, worker_name: str, execution_id: str | None,
+    progressed: bool,
 ) -> Outcome:
-    """The writes of rq's abandoned-job path, into ``pipe`` (already in MULTI)."""
+    """The writes of rq's abandoned-job path, into ``pipe`` (already in MULTI).
+
+    A job whose abandoned attempt ``progressed`` (logged a token) is requeued
+    without using up a retry: it was not what brought its group down, or not
+    before making progress, which it can do only ``max_tokens`` times.
+    """
+    if progressed:
+        job.retries_left = (job.retries_left or 0) + 1  # Job.retry takes one back: this requeue costs nothing
     if job.retries_left and job.retries_left > 0:
         job.retry(rq_queue, pipe)
         return Outcome.REQUEUED
@@ -258,22 +283,23 @@ def cleanup_expired(conn: redis.Redis, queue_names: Iterable[str]) -> int:
         counts = pipe.execute()
     for name, count in zip(names, counts):
         if count:
-            _drop_unreadable_expired(conn, name, now)
+            _fail_unreadable_expired(conn, name, now)
             started_registry(conn, name).cleanup(timestamp=now)
     return sum(counts)
 
 
-def _drop_unreadable_expired(conn: redis.Redis, queue_name: str, now: float) -> None:
-    """Drop the expired started entries whose job hash rq cannot read (a corrupt field), as :func:`_abandon` does.
+def _fail_unreadable_expired(conn: redis.Redis, queue_name: str, now: float) -> None:
+    """Fail the expired started jobs whose hash rq cannot read (a corrupt field), through :func:`_abandon`.
 
     rq's cleanup raises on the first such hash, which would end the pass
     (and the supervisor) and leave every other expired job of the queue behind.
     """
     key = started_registry(conn, queue_name).key
     for member in conn.zrangebyscore(key, 0, now):  # rq layout: <job_id>:<execution_id>, scored by expiry
-        job_id, _execution_id = parse_composite_key(_text(member))
-        if conn.exists(Job.key_for(job_id)) and _fetch(conn, job_id) is None:
-            conn.zrem(key, member)
+        job_id, execution_id = parse_composite_key(_text(member))
+        if conn.exists(Job.key_for(job_id)) and _fetch(conn, job_id)[1] is not None:
+            entry = StartedEntry(queue_name, _text(member), job_id, execution_id, worker_name="", enqueued_at="")
+            abandon_execution(conn, entry, "its rq heartbeat expired (its worker died or hung)")
 
 
 def clean_queues(conn: redis.Redis, queue_names: Iterable[str]) -> int:

@@ -29,11 +29,11 @@ from common.groups import is_fenced, read_shard_map, shards_of
 from common.jobs import GENERATE_FUNC, request_from_job_kwargs
 from common.logs import job_event
 from common.metrics import GroupMetrics
-from common.redis_conn import connect
+from common.redis_conn import connect, retries_for
 from common.results import FinishReason, GenerationResult, JobResult, StreamEnd, Timings, TokenEvent, Usage
 from common.schemas import GenerationRequest, check_limits
 from common.settings import Settings
-from common.token_log import queue_messages, resume_point
+from common.token_log import attempt_made_progress, logged_count, queue_messages, resume_point
 from gpu_worker.jobs import engine_priority, prompt_token_ids
 from gpu_worker.rq_adapter import BatchWorker, Claimed, ClaimRefused, ForbiddenJobFunction, Started
 from gpu_worker.serve.engine_loop import Abort, Admit, EngineLoop, StepReport
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 CONTROL_PERIOD_S = 0.1
 CLAIM_BATCH = 16
 POLL_MIN_S, POLL_MAX_S = 0.002, 0.02
+REDIS_OUTAGE_S = 120.0  # how long a Redis command of the pump keeps retrying before the group gives up
 NO_MAP_WARNING_S = 10.0  # a supervisor starting beside the group writes the map within seconds
 MAX_ERROR_CHARS = 1000  # of a failed job's message (its result, stream end and log line)
 BATCH_RESERVE_FRACTION = 0.25  # of max_in_flight, kept free of batch jobs for interactive sessions
@@ -72,7 +73,9 @@ class JobPump(threading.Thread):
         super().__init__(name="tpq-job-pump", daemon=True)
         self.settings, self.group, self.incarnation = settings, group, incarnation
         self.loop, self.tokenizer, self.max_in_flight = loop, tokenizer, max_in_flight
-        self.conn = connect(redis_url, client_name=f"tpq-jobs-{group}")
+        # Each command waits out a Redis restart (AOF reload included) instead of failing the pump, which
+        # would restart the group for nothing: the engine keeps decoding and the publisher keeps its tokens.
+        self.conn = connect(redis_url, client_name=f"tpq-jobs-{group}", retries=retries_for(REDIS_OUTAGE_S))
         self.worker = BatchWorker(self.conn, group, incarnation, [keys.BATCH_QUEUE],
                                   job_ttl_s=max(1, round(settings.heartbeat_ttl_s)))
         self.running: dict[str, RunningJob] = {}
@@ -210,6 +213,9 @@ class JobPump(threading.Thread):
             if mode == "requeue":
                 self.worker.requeue(job_id)
                 self.metrics.jobs_retried("shutdown")
+            elif mode == "retry" and attempt_made_progress(self.conn, job_id):
+                self.worker.requeue(job_id)  # not the job's fault, as far as anyone can tell: no retry used
+                self.metrics.jobs_retried("group_failed")
             elif mode == "retry":
                 self.worker.fail(started.job, started.queue, "its worker group failed; retrying", retry=True)
                 self.metrics.jobs_retried("group_failed")
@@ -277,10 +283,17 @@ class JobPump(threading.Thread):
 
     def _admit(self, item: Claimed) -> None:
         if item.job_id in self.running:
-            # rq requeued a job this group still runs (its started entry expired while the group was slow,
-            # or a fenced run's copy came back twice): the run in the engine serves it; drop the extra id.
-            log.warning("job %s was queued again while it runs here; dropping the duplicate", item.job_id)
-            self.worker.drop_claim(item.job_id)
+            # A job this group still runs came back through a queue (rq's cleanup requeued it after its started
+            # entry expired while the group was slow, or a crashed Redis lost it and its client submitted it
+            # again): the run in the engine serves it, recorded as started here again so that a crash of this
+            # group requeues it instead of stranding it.
+            if item.job is None:
+                self.worker.drop_claim(item.job_id)
+                return
+            running = self.running[item.job_id]
+            running.started = self.worker.start_again(item.job, item.queue, logged=logged_count(self.conn, item.job_id))
+            log.warning("job %s was queued again while it runs here; recorded it as started here again (attempt %d)",
+                        item.job_id, running.started.attempt)
             return
         if item.job is None:
             self._fail_unreadable(item)
@@ -301,10 +314,10 @@ class JobPump(threading.Thread):
             self._fail(job, item.queue, f"the job's data cannot be read: {type(exc).__name__}: {exc}", retry=False)
             return
         queued_before_s = max(0.0, time.time() - job.enqueued_at.timestamp()) if job.enqueued_at else 0.0
-        started = self.worker.start(job, item.queue)
+        tokens, end = resume_point(self.conn, job.id)
+        started = self.worker.start(job, item.queue, logged=len(tokens))
         self.metrics.job_started()
         job_event(log, "started", job.id, queue=item.queue.name, group=self.group, attempt=started.attempt)
-        tokens, end = resume_point(self.conn, job.id)
         if self.conn.exists(keys.cancel_flag(job.id)):
             self._finish_without_engine(started, request, tokens, FinishReason.CANCELLED)
         elif end is not None or (tokens and tokens[-1].finish_reason is not None):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from common.results import StreamEnd
@@ -96,3 +97,33 @@ def test_an_unexpected_engine_error_retries_the_job_and_a_refusal_does_not(pump,
     assert refused.get_status() == JobStatus.FAILED
     [end] = read_log(conn, "refused")
     assert "longer than the context" in end.error
+
+
+def test_a_running_job_that_comes_back_through_its_queue_is_recorded_as_started_here_again(pump, redis_url):
+    """E.g. a crashed Redis lost its hash and its client submitted it again: a later group crash must requeue it."""
+    with Client(redis_url) as client:
+        client.submit("a long one", request_id="resurrected")
+        pump._claim_and_admit()
+        conn = redis.Redis.from_url(redis_url)
+        conn.delete("rq:job:resurrected", "rq:wip:batch")  # what the crash lost: the job and its started entry
+        client.submit("a long one", request_id="resurrected")  # the client found it gone and submitted it again
+    pump._claim_and_admit()
+    assert pump.loop.admitted == ["resurrected"]  # the engine's run serves it: not admitted twice
+    job = Job.fetch("resurrected", connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.STARTED and job.worker_name == pump.worker.name
+    assert StartedJobRegistry("batch", connection=conn).get_job_ids() == ["resurrected"]  # a crash would requeue it
+    assert conn.llen("rq:queue:batch") == 0 and conn.llen("tpq:claimed:poison-test") == 0
+    assert pump.running["resurrected"].started is pump.worker.started["resurrected"]
+
+
+def test_a_stray_copy_of_a_running_job_leaves_one_execution_in_the_registry(pump, redis_url):
+    with Client(redis_url) as client:
+        client.submit("running", request_id="twice")
+    pump._claim_and_admit()
+    conn = redis.Redis.from_url(redis_url)
+    [first] = conn.zrange("rq:wip:batch", 0, -1)
+    conn.lpush("rq:queue:batch", "twice")  # a copy queued while it runs (as rq's cleanup of an expired entry does)
+    pump._claim_and_admit()
+    [second] = conn.zrange("rq:wip:batch", 0, -1)  # the old execution dropped, the new one kept alive
+    assert second != first and second.decode().startswith("twice:")
+    assert pump.loop.admitted == ["twice"] and int(conn.hget("rq:job:twice", "tpq_attempts")) == 2

@@ -54,8 +54,9 @@ def test_start_succeed_shows_in_rqs_registries_and_counts(conn):
     enqueue(conn, "j1")
     w = worker(conn)
     [item] = w.claim([QUEUE], 4)
-    started = w.start(item.job, item.queue)
+    started = w.start(item.job, item.queue, logged=7)
     assert started.attempt == 1
+    assert conn.hget(keys.rq_job_key("j1"), keys.JOB_LOGGED_AT_START_FIELD) == b"7"  # for the progress check
     assert conn.llen(keys.claimed_jobs("g0")) == 0
     assert StartedJobRegistry(QUEUE, connection=conn).get_job_ids() == ["j1"]
     assert Job.fetch("j1", connection=conn, serializer=JSONSerializer).get_status() == JobStatus.STARTED

@@ -19,6 +19,7 @@ from rq import Queue, Retry, SimpleWorker
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from common import keys
@@ -26,7 +27,9 @@ from common.groups import (GroupInfo, fence, is_fenced, make_heartbeat, new_inca
                            register_group, unregister_group, write_heartbeat)
 from common.jobs import GENERATE_FUNC
 from common.redis_conn import connect
+from common.results import TokenEvent
 from common.settings import get_settings
+from common.token_log import queue_messages, read_log
 from gpu_worker.rq_adapter import BatchWorker
 from router import cli, rq_maintenance
 from router.supervisor import Health, HangTracker, Supervisor, classify
@@ -270,6 +273,61 @@ def test_retries_exhausted_means_failed_with_a_clear_reason(conn: redis.Redis) -
     reason = job.latest_result().exc_string
     assert f"worker group g1 (incarnation {second.incarnation}) was declared dead" in reason
     assert "no retries left" in reason and queued_ids(conn, queue_name) == []
+
+
+def test_a_dead_groups_unreadable_job_ends_failed_with_the_reason(conn: redis.Redis) -> None:
+    queue_name = keys.shard_queue_name(4)
+    start_job(conn, queue_name, "garbled", "tpq-g1-dead")
+    start_job(conn, queue_name, "fine", "tpq-g1-dead")
+    conn.hset(keys.rq_job_key("garbled"), "created_at", b"\x00not a date")  # rq can no longer read the hash
+    report = rq_maintenance.requeue_worker_jobs(conn, [queue_name], "tpq-g1-dead", "its heartbeats expired")
+    assert report.failed == ["garbled"] and report.requeued == ["fine"]
+    assert conn.hget(keys.rq_job_key("garbled"), "status") == b"failed"
+    assert 0 < conn.ttl(keys.rq_job_key("garbled")) <= 60  # the job's own failure_ttl
+    assert "garbled" in FailedJobRegistry(queue_name, connection=conn).get_job_ids()
+    assert StartedJobRegistry(queue_name, connection=conn).get_job_ids() == []
+    assert queued_ids(conn, queue_name) == ["fine"]
+    bare = Job("garbled", connection=conn, serializer=JSONSerializer)  # the Result API reads only its id
+    failure = Result.fetch_latest(bare, serializer=JSONSerializer).exc_string
+    assert "the job cannot be read (ValueError" in failure and "its heartbeats expired" in failure
+
+
+def log_tokens(conn: redis.Redis, job_id: str, count: int) -> None:
+    """Append ``count`` token events to ``job_id``'s log, after those it holds."""
+    start = len(read_log(conn, job_id))
+    with conn.pipeline(transaction=False) as pipe:
+        queue_messages(pipe, [TokenEvent(request_id=job_id, index=i, token_id=i, text="t")
+                              for i in range(start, start + count)], maxlen=1000, ttl_s=60)
+        pipe.execute()
+
+
+@pytest.mark.parametrize("new_tokens", [0, 3])
+def test_a_crash_costs_a_retry_only_when_the_attempt_made_no_progress(conn: redis.Redis, new_tokens: int) -> None:
+    queue_name = keys.shard_queue_name(5)
+    job = start_job(conn, queue_name, "steady", "tpq-g1-dead", retries=1)
+    log_tokens(conn, "steady", 4)  # an earlier attempt's tokens
+    conn.hset(job.key, keys.JOB_LOGGED_AT_START_FIELD, 4)  # what the worker records when it starts the job
+    log_tokens(conn, "steady", new_tokens)  # this attempt's
+    report = rq_maintenance.requeue_worker_jobs(conn, [queue_name], "tpq-g1-dead", "its heartbeats expired")
+    assert report.requeued == ["steady"] and queued_ids(conn, queue_name) == ["steady"]
+    assert fetch(conn, "steady").retries_left == (1 if new_tokens else 0)
+
+
+def test_a_job_that_keeps_making_progress_is_requeued_after_its_retries_ran_out(conn: redis.Redis) -> None:
+    queue_name = keys.shard_queue_name(6)
+    start_job(conn, queue_name, "long", "tpq-g1-a", retries=1)
+    for attempt, worker in enumerate(["tpq-g1-a", "tpq-g1-b", "tpq-g1-c"]):
+        if attempt:
+            start_queued(conn, queue_name, worker)
+        conn.hset(keys.rq_job_key("long"), keys.JOB_LOGGED_AT_START_FIELD, 2 * attempt)
+        log_tokens(conn, "long", 2)
+        assert rq_maintenance.requeue_worker_jobs(conn, [queue_name], worker, "test").requeued == ["long"]
+    assert fetch(conn, "long").retries_left == 1  # three crashes, each after progress: no retry used
+    start_queued(conn, queue_name, "tpq-g1-d")
+    conn.hset(keys.rq_job_key("long"), keys.JOB_LOGGED_AT_START_FIELD, 6)  # the next attempt logs nothing
+    assert rq_maintenance.requeue_worker_jobs(conn, [queue_name], "tpq-g1-d", "test").requeued == ["long"]
+    start_queued(conn, queue_name, "tpq-g1-e")
+    assert rq_maintenance.requeue_worker_jobs(conn, [queue_name], "tpq-g1-e", "test").failed == ["long"]
 
 
 def test_requeue_is_idempotent_and_leaves_nothing_for_rqs_cleanup(conn: redis.Redis) -> None:

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import redis
 from rq.job import Job
-from rq.registry import StartedJobRegistry
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from common import keys
 from common.cli import PICKLE_FREE_COMMANDS, SUBCOMMANDS
-from common.errors import InvalidRequestError, TpqError
+from common.errors import InvalidRequestError, JobFailed, TpqError
 from common.jobs import GENERATE_FUNC
 from producer import AsyncClient, Client
 from producer.client import BatchHandle
@@ -91,8 +91,15 @@ def test_the_supervisor_process_unpickles_nothing_and_survives_unreadable_jobs(r
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert not marker.exists(), "the supervisor unpickled a payload from Redis"
-    assert conn.zcard(started.key) == 0  # both handled: the readable one failed, the corrupt one dropped
+    assert conn.zcard(started.key) == 0  # both handled: rq failed the readable one, the supervisor the corrupt one
     assert conn.hget("rq:job:pickled-1", "status") == b"failed"
+    assert conn.hget("rq:job:corrupt-1", "status") == b"failed"
+    failed = FailedJobRegistry(keys.BATCH_QUEUE, connection=conn, serializer=JSONSerializer)
+    assert "corrupt-1" in failed.get_job_ids()
+    with Client(redis_url) as client:
+        handle = client.submit(prompt="x", request_id="corrupt-1")  # an existing id: its handle, nothing enqueued
+        with pytest.raises(JobFailed, match="the job cannot be read"):
+            handle.result(timeout=1)  # a client waiting on it gets the reason, not a hang
 
 
 def test_the_client_library_unpickles_nothing_even_with_pickle_enabled(redis_url: str, tmp_path: Path) -> None:
