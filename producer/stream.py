@@ -494,33 +494,14 @@ def _failure_message(job_id: str, entries: list[Any]) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------ sync reader
+# ------------------------------------------------------------------ what both readers share
 
 
-class TokenStream(Iterator[TokenEvent]):
-    """Iterate one job's token events: every event exactly once, in index order.
+class _Reader:
+    """The state and read-only view both readers share; they differ only in how they wait."""
 
-    Built by :meth:`producer.JobHandle.stream`. Iteration ends after the
-    job's :class:`StreamEnd` (then in :attr:`end`; a cancelled or
-    past-deadline job ends normally with that ``finish_reason``), or raises:
-    :class:`JobFailed` when the end carries an error or rq reports the job
-    FAILED; :class:`JobCancelled` / :class:`JobNotFound` when rq says the
-    job was cancelled without an end record, or is gone; :class:`ResultTimeout`
-    when no event arrives within ``timeout`` seconds (iterating again waits
-    anew); :class:`StreamIncomplete` when the job finished but its log lacks
-    the end. Connection drops are survived (see the module docstring).
-
-    ``conn`` reads the log and the status (it may retry by itself);
-    ``pubsub_conn`` subscribes and should not retry silently (tpqueue's
-    client gives it ``retries=0``) so that a drop is noticed at once.
-    Correct whenever it is started, even after the job finished: the log
-    replay delivers what pub/sub could not. Close it (or use ``with``) when
-    you stop early.
-    """
-
-    def __init__(self, conn: redis.Redis, job_id: str, *, pubsub_conn: redis.Redis | None = None, start: int = 0,
-                 timeout: float | None = None, idle_s: float = IDLE_S, finished_grace_s: float = FINISHED_GRACE_S,
-                 give_up_s: float = RECONNECT_GIVE_UP_S) -> None:
+    def __init__(self, conn: Any, job_id: str, pubsub_conn: Any, start: int, timeout: float | None,
+                 idle_s: float, finished_grace_s: float, give_up_s: float) -> None:
         self._state = _ReaderState(job_id, start, timeout, idle_s, finished_grace_s, give_up_s)
         self.job_id = self._state.job_id
         self._conn = conn
@@ -545,6 +526,40 @@ class TokenStream(Iterator[TokenEvent]):
     @timeout.setter
     def timeout(self, value: float | None) -> None:
         self._state.timeout = check_timeout(value)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(job={self.job_id!r}, next_index={self.next_index}, "
+                f"ended={self.end is not None})")
+
+
+# ------------------------------------------------------------------ sync reader
+
+
+class TokenStream(_Reader, Iterator[TokenEvent]):
+    """Iterate one job's token events: every event exactly once, in index order.
+
+    Built by :meth:`producer.JobHandle.stream`. Iteration ends after the
+    job's :class:`StreamEnd` (then in :attr:`end`; a cancelled or
+    past-deadline job ends normally with that ``finish_reason``), or raises:
+    :class:`JobFailed` when the end carries an error or rq reports the job
+    FAILED; :class:`JobCancelled` / :class:`JobNotFound` when rq says the
+    job was cancelled without an end record, or is gone; :class:`ResultTimeout`
+    when no event arrives within ``timeout`` seconds (iterating again waits
+    anew); :class:`StreamIncomplete` when the job finished but its log lacks
+    the end. Connection drops are survived (see the module docstring).
+
+    ``conn`` reads the log and the status (it may retry by itself);
+    ``pubsub_conn`` subscribes and should not retry silently (tpqueue's
+    client gives it ``retries=0``) so that a drop is noticed at once.
+    Correct whenever it is started, even after the job finished: the log
+    replay delivers what pub/sub could not. Close it (or use ``with``) when
+    you stop early.
+    """
+
+    def __init__(self, conn: redis.Redis, job_id: str, *, pubsub_conn: redis.Redis | None = None, start: int = 0,
+                 timeout: float | None = None, idle_s: float = IDLE_S, finished_grace_s: float = FINISHED_GRACE_S,
+                 give_up_s: float = RECONNECT_GIVE_UP_S) -> None:
+        super().__init__(conn, job_id, pubsub_conn, start, timeout, idle_s, finished_grace_s, give_up_s)
 
     @property
     def subscribed(self) -> bool:
@@ -590,9 +605,6 @@ class TokenStream(Iterator[TokenEvent]):
                 self._last_look()
         state.deadline = None
         return state.ready.popleft()
-
-    def __repr__(self) -> str:
-        return f"TokenStream(job={self.job_id!r}, next_index={self.next_index}, ended={self.end is not None})"
 
     # -- one step of waiting
 
@@ -682,7 +694,7 @@ class TokenStream(Iterator[TokenEvent]):
 # ------------------------------------------------------------------ asyncio reader
 
 
-class AsyncTokenStream:
+class AsyncTokenStream(_Reader):
     """The asyncio twin of :class:`TokenStream`: ``async for event in stream`` (same rules and errors).
 
     Built by :meth:`producer.AsyncJobHandle.stream` on ``redis.asyncio``
@@ -694,30 +706,7 @@ class AsyncTokenStream:
     def __init__(self, conn: redis.asyncio.Redis, job_id: str, *, pubsub_conn: redis.asyncio.Redis | None = None,
                  start: int = 0, timeout: float | None = None, idle_s: float = IDLE_S,
                  finished_grace_s: float = FINISHED_GRACE_S, give_up_s: float = RECONNECT_GIVE_UP_S) -> None:
-        self._state = _ReaderState(job_id, start, timeout, idle_s, finished_grace_s, give_up_s)
-        self.job_id = self._state.job_id
-        self._conn = conn
-        self._pubsub_conn = pubsub_conn if pubsub_conn is not None else conn
-        self._pubsub: Any = None
-
-    @property
-    def end(self) -> StreamEnd | None:
-        """The job's end record, once the stream reached it."""
-        return self._state.cursor.end
-
-    @property
-    def next_index(self) -> int:
-        """The index of the next token."""
-        return self._state.cursor.next_position
-
-    @property
-    def timeout(self) -> float | None:
-        """Seconds to wait for each next event (None: forever); settable."""
-        return self._state.timeout
-
-    @timeout.setter
-    def timeout(self, value: float | None) -> None:
-        self._state.timeout = check_timeout(value)
+        super().__init__(conn, job_id, pubsub_conn, start, timeout, idle_s, finished_grace_s, give_up_s)
 
     async def open(self) -> AsyncTokenStream:
         """Subscribe and replay the log now. Returns self."""
@@ -758,9 +747,6 @@ class AsyncTokenStream:
                 await self._last_look()
         state.deadline = None
         return state.ready.popleft()
-
-    def __repr__(self) -> str:
-        return f"AsyncTokenStream(job={self.job_id!r}, next_index={self.next_index}, ended={self.end is not None})"
 
     async def _step(self) -> None:
         state = self._state

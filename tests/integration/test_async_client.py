@@ -9,29 +9,14 @@ import asyncio
 import time
 
 import pytest
-import redis
 
 from common import keys
 from common.errors import JobCancelled, JobFailed, ResultTimeout
 from common.results import FinishReason, JobResult
 from common.settings import get_settings
 from producer import AsyncClient, AsyncJobHandle, JobState
-from tests.protocol_worker import ProtocolWorker
 
 TEXTS = ["Hel", "lo", ",", " wor", "ld", "!"]
-
-
-@pytest.fixture
-def worker(redis_url):
-    w = ProtocolWorker(redis_url)
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def raw(redis_url):
-    with redis.Redis.from_url(redis_url) as r:
-        yield r
 
 
 def run(redis_url, scenario):

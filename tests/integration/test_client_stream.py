@@ -14,36 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from common import keys
 from common.errors import InvalidRequestError, JobCancelled, JobFailed, JobNotFound, ResultTimeout
 from common.results import FinishReason, JobResult
-from common.settings import get_settings
 from common.token_log import read_log
 from producer import BatchHandle, Client, JobState, TokenStream
-from tests.protocol_worker import ProtocolWorker
 
 TEXTS = ["Hel", "lo", ",", " wor", "ld", "!"]
-
-
-@pytest.fixture
-def client(redis_url):
-    with Client(settings=get_settings(redis_url=redis_url)) as c:
-        yield c
-
-
-@pytest.fixture
-def worker(redis_url):
-    w = ProtocolWorker(redis_url)
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def raw(redis_url):
-    with redis.Redis.from_url(redis_url) as r:
-        yield r
 
 
 def indices(events):

@@ -6,22 +6,7 @@ import pytest
 from common import keys
 from common.errors import InvalidRequestError, JobFailed
 from common.results import ChatMessage
-from common.settings import get_settings
 from producer import Client, Session
-from tests.protocol_worker import ProtocolWorker
-
-
-@pytest.fixture
-def client(redis_url):
-    with Client(settings=get_settings(redis_url=redis_url)) as c:
-        yield c
-
-
-@pytest.fixture
-def worker(redis_url):
-    w = ProtocolWorker(redis_url)
-    yield w
-    w.close()
 
 
 def session_queue(client: Client, session: Session) -> list[str]:
