@@ -161,29 +161,27 @@ def resume_point(conn: redis.Redis, job_id: str) -> tuple[list[TokenEvent], Stre
 
 def logged_count(conn: redis.Redis, job_id: str) -> int:
     """How many stream positions ``job_id``'s log reaches: its last entry's position + 1 (0 when it is empty)."""
-    return _reach(conn.xrevrange(keys.token_log(job_id), count=1))
-
-
-def attempt_made_progress(conn: redis.Redis, job_id: str) -> bool:
-    """Whether the latest attempt at ``job_id`` logged a message: its log reaches past where that attempt began.
-
-    The attempt's start is the job hash's ``keys.JOB_LOGGED_AT_START_FIELD``
-    (written by the worker when it starts the job); False when it is absent
-    or unreadable. One round trip.
-    """
-    with conn.pipeline(transaction=False) as pipe:
-        pipe.hget(keys.rq_job_key(job_id), keys.JOB_LOGGED_AT_START_FIELD)
-        pipe.xrevrange(keys.token_log(job_id), count=1)
-        logged_at_start, last = pipe.execute()
-    try:
-        return _reach(last) > int(logged_at_start)
-    except (TypeError, ValueError):
-        return False
-
-
-def _reach(last: list) -> int:
-    """The ``logged_count`` of a log whose XREVRANGE ... COUNT 1 is ``last`` (0 for an entry id tpqueue never writes)."""
+    last = conn.xrevrange(keys.token_log(job_id), count=1)
     try:
         return log_entry_position(last[0][0]) + 1 if last else 0
     except TpqError:
-        return 0
+        return 0  # an entry id tpqueue never writes
+
+
+def attempt_made_progress(conn: redis.Redis, job_id: str) -> bool:
+    """Whether the latest attempt at ``job_id`` logged a message: its log holds the position that attempt began at.
+
+    That position is the job hash's ``keys.JOB_LOGGED_AT_START_FIELD``
+    (written by the worker when it starts the job: the log's gap-free
+    length). Only the entry there counts, not the log's top: entries an
+    earlier writer stranded above a hole (see :func:`append_messages`) are no
+    progress of this attempt. False when the field is absent or unreadable.
+    """
+    try:
+        position = int(conn.hget(keys.rq_job_key(job_id), keys.JOB_LOGGED_AT_START_FIELD))
+    except (TypeError, ValueError):
+        return False
+    if position < 0:
+        return False
+    entry_id = log_entry_id(position)
+    return bool(conn.xrange(keys.token_log(job_id), min=entry_id, max=entry_id, count=1))

@@ -74,8 +74,12 @@ class Outcome(str, Enum):
     """What happened to one abandoned job."""
 
     REQUEUED = "requeued"
-    FAILED = "failed"
+    FAILED = "failed"  # out of retries
+    UNREADABLE = "unreadable"  # FAILED because its hash cannot be read (rq could not requeue it)
     GONE = "gone"  # someone else finished, requeued or deleted it first
+
+
+MOVED = (Outcome.REQUEUED, Outcome.FAILED, Outcome.UNREADABLE)  # the outcomes that took the job off its worker
 
 
 @dataclass(frozen=True)
@@ -92,19 +96,22 @@ class StartedEntry:
 
 @dataclass
 class RequeueReport:
-    """The job ids a requeue pass requeued and failed, and the queue of each."""
+    """The job ids a requeue pass requeued and failed (``unreadable``: those failed as unreadable), and their queues."""
 
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    unreadable: set[str] = field(default_factory=set)
     queues: dict[str, str] = field(default_factory=dict)
 
     def add(self, job_id: str, outcome: Outcome | None, queue_name: str | None = None) -> None:
-        if queue_name is not None and outcome in (Outcome.REQUEUED, Outcome.FAILED):
+        if queue_name is not None and outcome in MOVED:
             self.queues[job_id] = queue_name
         if outcome is Outcome.REQUEUED:
             self.requeued.append(job_id)
-        elif outcome is Outcome.FAILED:
+        elif outcome in (Outcome.FAILED, Outcome.UNREADABLE):
             self.failed.append(job_id)
+            if outcome is Outcome.UNREADABLE:
+                self.unreadable.add(job_id)
 
 
 def queue(conn: redis.Redis, name: str) -> Queue:
@@ -214,7 +221,7 @@ def _abandon(
                     message = f"the job cannot be read ({unreadable}); {reason}"
                     queue_unreadable_failure(pipe, conn, job_id, rq_queue.name, message, failure_ttl_s, worker_name)
                     pipe.execute()
-                    return Outcome.FAILED
+                    return Outcome.UNREADABLE
                 if job is None:
                     pipe.execute()
                     return Outcome.GONE
@@ -350,7 +357,7 @@ def clean_intermediate_queue(conn: redis.Redis, queue_name: str) -> int:
             lambda pipe, j=job_id: j in {_text(x) for x in pipe.lrange(intermediate.key, 0, -1)},
             lambda pipe, job, j=job_id: pipe.lrem(intermediate.key, 1, j),
         )
-        moved += outcome in (Outcome.REQUEUED, Outcome.FAILED)
+        moved += outcome in MOVED
     return moved
 
 

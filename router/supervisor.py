@@ -408,12 +408,14 @@ class Supervisor:
             job_event(log, "requeued", job_id, queue=report.queues.get(job_id), group=info.group, rank=None,
                       reason="supervisor")
         for job_id in report.failed:
+            error = ("its group died and its data cannot be read" if job_id in report.unreadable
+                     else "its group died and it has no retries left")
             job_event(log, "failed", job_id, queue=report.queues.get(job_id), group=info.group, rank=None,
-                      level=logging.WARNING, error="its group died and it has no retries left")
+                      level=logging.WARNING, error=error)
         result.requeued += report.requeued
         result.failed += report.failed
         if report.requeued or report.failed:
-            log.info("group %s (incarnation %s): %d started job(s) requeued, %d failed (no retries left)",
+            log.info("group %s (incarnation %s): %d started job(s) requeued, %d failed",
                      info.group, info.incarnation, len(report.requeued), len(report.failed))
 
     def _maintain(self, infos: dict[str, GroupInfo], fenced: dict[str, str | None], result: PassResult) -> None:

@@ -281,7 +281,7 @@ def test_a_dead_groups_unreadable_job_ends_failed_with_the_reason(conn: redis.Re
     start_job(conn, queue_name, "fine", "tpq-g1-dead")
     conn.hset(keys.rq_job_key("garbled"), "created_at", b"\x00not a date")  # rq can no longer read the hash
     report = rq_maintenance.requeue_worker_jobs(conn, [queue_name], "tpq-g1-dead", "its heartbeats expired")
-    assert report.failed == ["garbled"] and report.requeued == ["fine"]
+    assert report.failed == ["garbled"] and report.unreadable == {"garbled"} and report.requeued == ["fine"]
     assert conn.hget(keys.rq_job_key("garbled"), "status") == b"failed"
     assert 0 < conn.ttl(keys.rq_job_key("garbled")) <= 60  # the job's own failure_ttl
     assert "garbled" in FailedJobRegistry(queue_name, connection=conn).get_job_ids()
@@ -311,6 +311,23 @@ def test_a_crash_costs_a_retry_only_when_the_attempt_made_no_progress(conn: redi
     report = rq_maintenance.requeue_worker_jobs(conn, [queue_name], "tpq-g1-dead", "its heartbeats expired")
     assert report.requeued == ["steady"] and queued_ids(conn, queue_name) == ["steady"]
     assert fetch(conn, "steady").retries_left == (1 if new_tokens else 0)
+
+
+def test_entries_stranded_above_a_hole_are_no_progress(conn: redis.Redis) -> None:
+    """A crashed Redis lost positions 4-5 under a writer that went on to log 6-7 (a hole no writer filled).
+
+    The next attempt starts at the hole (the gap-free length, 4); crashing before it logs anything costs a retry.
+    """
+    queue_name = keys.shard_queue_name(7)
+    job = start_job(conn, queue_name, "holed", "tpq-g1-dead", retries=1)
+    log_tokens(conn, "holed", 4)
+    with conn.pipeline(transaction=False) as pipe:
+        queue_messages(pipe, [TokenEvent(request_id="holed", index=i, token_id=i, text="t") for i in (6, 7)],
+                       maxlen=1000, ttl_s=60)
+        pipe.execute()
+    conn.hset(job.key, keys.JOB_LOGGED_AT_START_FIELD, 4)
+    assert rq_maintenance.requeue_worker_jobs(conn, [queue_name], "tpq-g1-dead", "test").requeued == ["holed"]
+    assert fetch(conn, "holed").retries_left == 0
 
 
 def test_a_job_that_keeps_making_progress_is_requeued_after_its_retries_ran_out(conn: redis.Redis) -> None:
