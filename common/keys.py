@@ -59,7 +59,7 @@ RQ_QUEUE_PREFIX = "rq:queue:"
 RQ_JOB_PREFIX = "rq:job:"
 RQ_RESULT_PREFIX = "rq:results:"
 JOB_ATTEMPTS_FIELD = "tpq_attempts"  # tpqueue's fields in rq's job hash: times a group started the job,
-JOB_LOGGED_AT_START_FIELD = "tpq_logged_at_start"  # and how many messages its log held when the latest attempt began
+JOB_LOGGED_AT_START_FIELD = "tpq_logged_at_start"  # and the log position the latest attempt writes first
 
 TOKEN_CHANNEL_PREFIX = "tpq:tokens:"
 TOKEN_LOG_PREFIX = "tpq:log:"

@@ -65,7 +65,8 @@ JOBS_RETRIED = Counter(
     "tpq_jobs_retried_total",
     "Started jobs put back on their queue, by reason: shutdown (clean stop, no retry used), group_failed "
     "(a rank died; rq Retry), job_error (an unexpected error with this job; rq Retry), supervisor (the group "
-    "was declared dead or hung).", ["group", "reason"])
+    "was declared dead or hung), log_lost (Redis lost the end of the job's token log after it was written; "
+    "no retry used).", ["group", "reason"])
 JOBS_CANCELLED = Counter(
     "tpq_jobs_cancelled_total",
     "Jobs a worker group ended because their client cancelled them (cancelled while still queued: "

@@ -168,6 +168,23 @@ def logged_count(conn: redis.Redis, job_id: str) -> int:
         return 0  # an entry id tpqueue never writes
 
 
+def log_is_whole(conn: redis.Redis, job_id: str, num_tokens: int) -> bool:
+    """Whether ``job_id``'s log holds every position from 0 to its end record at ``num_tokens``. One round trip.
+
+    Positions are distinct and the log is never trimmed below ``token_log_maxlen``
+    (which exceeds any job's length), so ``num_tokens + 1`` entries whose last
+    is at ``num_tokens`` are every position.
+    """
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.token_log(job_id))
+        pipe.xrevrange(keys.token_log(job_id), count=1)
+        length, last = pipe.execute()
+    try:
+        return length == num_tokens + 1 and bool(last) and log_entry_position(last[0][0]) == num_tokens
+    except TpqError:
+        return False
+
+
 def attempt_made_progress(conn: redis.Redis, job_id: str) -> bool:
     """Whether the latest attempt at ``job_id`` logged a message: its log holds the position that attempt began at.
 

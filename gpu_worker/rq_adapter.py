@@ -358,18 +358,23 @@ class BatchWorker(BaseWorker):
     def start(self, job: Job, queue: Queue, logged: int = 0) -> Started:
         """Record ``job`` as started by this worker (status STARTED, an Execution in its StartedJobRegistry).
 
-        ``logged``: how many messages the job's token log already holds (an
-        earlier attempt's), kept in the job hash so that whoever requeues the
-        job after a crash can tell whether this attempt made progress
+        ``logged``: the log position this attempt writes first (the messages
+        an earlier attempt already logged), kept in the job hash so that
+        whoever requeues the job after a crash can tell whether this attempt
+        made progress: whether the log holds that position
         (:func:`common.token_log.attempt_made_progress`).
         """
         execution = self.prepare_execution(job)  # rq: creates the Execution, sets self.execution
         self.prepare_job_execution(job)  # rq: status STARTED, started_at, worker_name
         with self.connection.pipeline(transaction=True) as pipe:
             pipe.lrem(self.claimed_key, 1, job.id)
+            # The whole hash, not only the fields that changed: a Redis that crashed and came back without its
+            # last second may have lost the job since we claimed it, and writing single fields would leave a
+            # stub that neither rq nor a client can read. Written whole, the job exists again, as started here.
+            job.save(pipeline=pipe, include_meta=False)
             pipe.hincrby(job.key, ATTEMPTS_FIELD, 1)
             pipe.hset(job.key, keys.JOB_LOGGED_AT_START_FIELD, logged)
-            _, attempt, _ = pipe.execute()
+            _, _, attempt, _ = pipe.execute()
         self.execution = None
         started = self.started[job.id] = Started(job, queue, execution, int(attempt))
         return started

@@ -754,8 +754,9 @@ class Client:
             return None
 
 
-# What rq raises for a job hash it cannot read: data that is not JSON (a pickle?), a corrupt field.
-_UNREADABLE = (DeserializationError, ValueError, TypeError)
+# What rq raises for a job hash it cannot read: data that is not JSON (a pickle?), a corrupt field, or no data
+# at all (NoSuchJobError "Unexpected job format": a few fields written into a hash that a crashed Redis lost).
+_UNREADABLE = (DeserializationError, NoSuchJobError, ValueError, TypeError)
 
 
 def _feed(watch: ResultWatch, response: Any) -> None:

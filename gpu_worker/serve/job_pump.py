@@ -33,7 +33,7 @@ from common.redis_conn import connect, retries_for
 from common.results import FinishReason, GenerationResult, JobResult, StreamEnd, Timings, TokenEvent, Usage
 from common.schemas import GenerationRequest, check_limits
 from common.settings import Settings
-from common.token_log import attempt_made_progress, logged_count, queue_messages, resume_point
+from common.token_log import attempt_made_progress, log_is_whole, logged_count, queue_messages, resume_point
 from gpu_worker.jobs import engine_priority, prompt_token_ids
 from gpu_worker.rq_adapter import BatchWorker, Claimed, ClaimRefused, ForbiddenJobFunction, Started
 from gpu_worker.serve.engine_loop import Abort, Admit, EngineLoop, StepReport
@@ -171,9 +171,21 @@ class JobPump(threading.Thread):
                                retry=retryable and _has_retries(job.started.job), num_tokens=job.resumed_tokens)
 
     def _succeed(self, result: GenerationResult) -> None:
-        job = self.running.pop(result.request_id, None)
+        job = self.running.get(result.request_id)
         if job is None:
             return
+        if not log_is_whole(self.conn, result.request_id, len(result.token_ids)):
+            # Redis crashed after the publisher wrote the job's last messages and came back without them:
+            # completing now would leave a finished job whose log ends short for good. Run it again from
+            # what the log kept (free: it made progress); it writes the rest again and completes then.
+            self.running.pop(result.request_id)
+            self.worker.requeue(result.request_id)
+            self.metrics.jobs_retried("log_lost")
+            job_event(log, "requeued", result.request_id, queue=job.started.queue.name, group=self.group,
+                      level=logging.WARNING, reason="log_lost",
+                      error="Redis lost the end of its token log after it was written")
+            return
+        self.running.pop(result.request_id)
         offset = job.queued_before_s
         job_result = JobResult(
             **result.model_dump(exclude={"timings"}),

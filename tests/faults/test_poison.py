@@ -3,7 +3,8 @@
 The job pump runs for real against the test redis-server (rq bookkeeping,
 claims, retries); the tokenizer is a double that raises an unexpected error
 for the poison prompt, and the engine loop is the inbox only (no model): the
-subject is how the worker handles a job that keeps failing.
+subject is how the worker handles a job that keeps failing, or whose state
+in Redis a crash took while it ran.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from common.results import StreamEnd
+from common.results import FinishReason, GenerationResult, StreamEnd, Timings, TokenEvent, Usage
 from common.settings import get_settings
-from common.token_log import read_log
+from common.token_log import queue_messages, read_log
 from gpu_worker.serve.engine_loop import StepReport
 from producer import Client
 
@@ -127,3 +128,38 @@ def test_a_stray_copy_of_a_running_job_leaves_one_execution_in_the_registry(pump
     [second] = conn.zrange("rq:wip:batch", 0, -1)  # the old execution dropped, the new one kept alive
     assert second != first and second.decode().startswith("twice:")
     assert pump.loop.admitted == ["twice"] and int(conn.hget("rq:job:twice", "tpq_attempts")) == 2
+
+
+def finished(job_id: str, num_tokens: int) -> GenerationResult:
+    return GenerationResult(request_id=job_id, text="t" * num_tokens, token_ids=list(range(num_tokens)),
+                            finish_reason=FinishReason.LENGTH,
+                            usage=Usage(prompt_tokens=3, cached_tokens=0, generated_tokens=num_tokens),
+                            timings=Timings(queue_s=0, time_to_first_token_s=0, total_s=0))
+
+
+def log_messages(conn: redis.Redis, job_id: str, tokens: int, end: bool) -> None:
+    messages: list[Any] = [TokenEvent(request_id=job_id, index=i, token_id=i, text="t") for i in range(tokens)]
+    if end:
+        messages.append(StreamEnd(request_id=job_id, num_tokens=tokens, finish_reason=FinishReason.LENGTH))
+    with conn.pipeline(transaction=False) as pipe:
+        queue_messages(pipe, messages, maxlen=1000, ttl_s=60)
+        pipe.execute()
+
+
+def test_a_job_whose_log_lost_its_end_runs_again_instead_of_completing(pump, redis_url):
+    """Redis crashed after the publisher wrote a job's last messages and came back without them."""
+    with Client(redis_url) as client:
+        client.submit_batch([{"prompt": "a", "request_id": "whole"}, {"prompt": "b", "request_id": "cut"}])
+    pump._claim_and_admit()
+    conn = redis.Redis.from_url(redis_url)
+    retries = Job.fetch("cut", connection=conn, serializer=JSONSerializer).retries_left
+    log_messages(conn, "whole", 4, end=True)
+    log_messages(conn, "cut", 2, end=False)  # tokens 2-3 and the end were lost
+    pump.on_written(StepReport(finished=[finished("whole", 4), finished("cut", 4)]))
+    pump._finish_written()
+    assert Job.fetch("whole", connection=conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+    cut = Job.fetch("cut", connection=conn, serializer=JSONSerializer)
+    assert cut.get_status() == JobStatus.QUEUED and cut.retries_left == retries  # free: it made progress
+    assert conn.lrange("rq:queue:batch", 0, -1) == [b"cut"] and "cut" not in pump.running
+    pump._claim_and_admit()  # the next run resumes from what the log kept
+    assert pump.loop.admitted == ["whole", "cut", "cut"] and "cut" in pump.running

@@ -50,6 +50,18 @@ def test_claim_takes_urgent_queues_first_and_records_claims(conn):
     assert queued(conn, keys.BATCH_QUEUE) == ["b1", "b2"]
 
 
+def test_a_job_that_a_crashed_redis_lost_after_the_claim_is_written_whole_when_it_starts(conn):
+    """Single fields written into the lost hash would leave a stub no one can read ('Unexpected job format')."""
+    enqueue(conn, "lost")
+    w = worker(conn)
+    [item] = w.claim([QUEUE], 4)
+    conn.delete(keys.rq_job_key("lost"))
+    w.start(item.job, item.queue)
+    job = Job.fetch("lost", connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.STARTED and job.func_name == item.job.func_name
+    assert job.kwargs == item.job.kwargs and job.worker_name == w.name
+
+
 def test_start_succeed_shows_in_rqs_registries_and_counts(conn):
     enqueue(conn, "j1")
     w = worker(conn)

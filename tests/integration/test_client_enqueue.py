@@ -306,3 +306,14 @@ def test_producer_never_imports_torch_or_the_worker():
     code = "import sys, producer; bad = {'torch', 'gpu_worker'} & set(sys.modules); assert not bad, bad"
     repo = __import__("pathlib").Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)
+
+
+def test_a_job_hash_without_job_data_gives_clear_errors_not_rqs(client, raw):
+    """A stub: a few fields written into a hash that a crashed Redis lost (rq: 'Unexpected job format')."""
+    raw.hset(keys.rq_job_key("stub"), mapping={keys.JOB_ATTEMPTS_FIELD: 1, keys.JOB_LOGGED_AT_START_FIELD: 0})
+    with pytest.raises(InvalidRequestError, match="holds no readable tpqueue request"):
+        client.job("stub")
+    again = client.submit("hi", request_id="stub")
+    assert not again.created and again.request.prompt == "hi"
+    [batched] = client.submit_batch([{"prompt": "hi", "request_id": "stub"}]).handles
+    assert not batched.created
