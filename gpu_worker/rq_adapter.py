@@ -428,6 +428,22 @@ class BatchWorker(BaseWorker):
             pipe.execute()
         self.execution = None
 
+    def requeue_finished(self, job: Job, queue: Queue) -> None:
+        """Put ``job``, which this worker just finished, back at the front of its queue without using a retry.
+
+        For a completion that reached a Redis which had lost what it rests on:
+        Redis crashed after the end of the job's token log was written, and
+        the completion, retried across the outage, landed after it came back.
+        The job runs again from what its log kept; its result stays.
+        """
+        with self.connection.pipeline(transaction=True) as pipe:
+            pipe.multi()
+            job.finished_job_registry.remove(job, pipeline=pipe)
+            pipe.persist(job.key)  # rq set the finished job to expire after its result TTL
+            job.set_status(JobStatus.QUEUED, pipeline=pipe)
+            queue.enqueue_job(job, pipeline=pipe, at_front=True)
+            pipe.execute()
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value

@@ -171,21 +171,16 @@ class JobPump(threading.Thread):
                                retry=retryable and _has_retries(job.started.job), num_tokens=job.resumed_tokens)
 
     def _succeed(self, result: GenerationResult) -> None:
-        job = self.running.get(result.request_id)
+        job = self.running.pop(result.request_id, None)
         if job is None:
             return
         if not log_is_whole(self.conn, result.request_id, len(result.token_ids)):
             # Redis crashed after the publisher wrote the job's last messages and came back without them:
             # completing now would leave a finished job whose log ends short for good. Run it again from
             # what the log kept (free: it made progress); it writes the rest again and completes then.
-            self.running.pop(result.request_id)
             self.worker.requeue(result.request_id)
-            self.metrics.jobs_retried("log_lost")
-            job_event(log, "requeued", result.request_id, queue=job.started.queue.name, group=self.group,
-                      level=logging.WARNING, reason="log_lost",
-                      error="Redis lost the end of its token log after it was written")
+            self._log_lost(job)
             return
-        self.running.pop(result.request_id)
         offset = job.queued_before_s
         job_result = JobResult(
             **result.model_dump(exclude={"timings"}),
@@ -195,12 +190,24 @@ class JobPump(threading.Thread):
             group=self.group, attempt=job.started.attempt,
         )
         self.worker.succeed(result.request_id, job_result.model_dump(mode="json"))
+        if not log_is_whole(self.conn, result.request_id, len(result.token_ids)):
+            # The same crash, between the check above and the completion (which redis-py retried onto the
+            # Redis that came back): the job is finished over a short log. Run it again all the same.
+            self.worker.requeue_finished(job.started.job, job.started.queue)
+            self._log_lost(job)
+            return
         self.finished_jobs += 1
         self.metrics.job_finished(result.finish_reason.value, job_result,
                                   first_token=result.usage.generated_tokens > job.resumed_tokens)
         job_event(log, _finish_event(result.finish_reason), result.request_id, queue=job.started.queue.name,
                   group=self.group, finish_reason=result.finish_reason.value,
                   tokens=result.usage.generated_tokens, attempt=job.started.attempt)
+
+    def _log_lost(self, job: RunningJob) -> None:
+        self.metrics.jobs_retried("log_lost")
+        job_event(log, "requeued", job.started.job.id, queue=job.started.queue.name, group=self.group,
+                  level=logging.WARNING, reason="log_lost", error="Redis lost the end of its token log after it "
+                  "was written; running it again from what the log kept")
 
     def _fail(self, job, queue_, message: str, *, retry: bool, end_written: bool = False, num_tokens: int = 0) -> None:
         """Fail ``job``; with ``retry`` rq requeues it (its stream stays open), else its stream ends with the error."""

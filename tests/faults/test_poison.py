@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 from rq.job import Job, JobStatus
-from rq.registry import StartedJobRegistry
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from common.results import FinishReason, GenerationResult, StreamEnd, Timings, TokenEvent, Usage
@@ -163,3 +163,30 @@ def test_a_job_whose_log_lost_its_end_runs_again_instead_of_completing(pump, red
     assert conn.lrange("rq:queue:batch", 0, -1) == [b"cut"] and "cut" not in pump.running
     pump._claim_and_admit()  # the next run resumes from what the log kept
     assert pump.loop.admitted == ["whole", "cut", "cut"] and "cut" in pump.running
+
+
+def test_a_completion_that_lands_after_the_crash_took_the_logs_end_runs_the_job_again(pump, redis_url, monkeypatch):
+    """The crash falls between the pump's check of the log and its completion, which redis-py retries onto the
+    Redis that came back without the log's end: the job is finished over a short log, and must run again."""
+    with Client(redis_url) as client:
+        client.submit("a", request_id="late")
+    pump._claim_and_admit()
+    conn = redis.Redis.from_url(redis_url)
+    retries = Job.fetch("late", connection=conn, serializer=JSONSerializer).retries_left
+    log_messages(conn, "late", 4, end=True)
+    succeed = pump.worker.succeed
+
+    def succeed_after_the_crash(job_id: str, result: Any) -> None:
+        conn.xdel("tpq:log:late", "0-4", "0-5")  # what the crash took: the last token and the end
+        succeed(job_id, result)
+
+    monkeypatch.setattr(pump.worker, "succeed", succeed_after_the_crash)
+    pump.on_written(StepReport(finished=[finished("late", 4)]))
+    pump._finish_written()
+    late = Job.fetch("late", connection=conn, serializer=JSONSerializer)
+    assert late.get_status() == JobStatus.QUEUED and late.retries_left == retries
+    assert conn.lrange("rq:queue:batch", 0, -1) == [b"late"] and conn.ttl("rq:job:late") == -1
+    assert "late" not in FinishedJobRegistry("batch", connection=conn).get_job_ids()
+    assert late.latest_result().return_value["token_ids"] == [0, 1, 2, 3]  # the result its client may hold stays
+    pump._claim_and_admit()
+    assert pump.loop.admitted == ["late", "late"] and "late" in pump.running
