@@ -44,11 +44,11 @@ ADMIN_PASSWORD = "admin-0p3rator-4c1e"
 ACL_RULES = (
     "resetkeys ~rq:* ~tpq:* resetchannels &tpq:tokens:* -@all "
     "+ping +client|setname +info +select +scan "
-    "+get +set +del +exists +expire +pexpire +incrby +mget "
+    "+get +set +del +exists +expire +pexpire +persist +incrby +mget "
     "+hget +hset +hdel +hgetall +hmget +hincrby +hincrbyfloat "
     "+llen +lindex +lpos +lpush +rpush +rpop +lrange +lrem +lmove +sadd +srem +smembers "
     "+zadd +zcard +zcount +zrange +zrangebyscore +zrem +zremrangebyscore +zscore "
-    "+xadd +xrange +xrevrange +xread +publish +subscribe +unsubscribe "
+    "+xadd +xlen +xrange +xrevrange +xread +publish +subscribe +unsubscribe "
     "+multi +exec +discard +watch +unwatch +evalsha +script|load"
 )
 """What tpqueue needs of Redis (README "Security"): its keys, its token channels, the commands it sends."""
