@@ -197,8 +197,6 @@ end
 return taken
 """
 
-ATTEMPTS_FIELD = keys.JOB_ATTEMPTS_FIELD  # our field in rq's job hash: how many times a group started the job
-
 
 class ClaimRefused(TpqError):
     """This incarnation of the group was fenced (or replaced): Redis refused to hand it jobs."""
@@ -372,7 +370,7 @@ class BatchWorker(BaseWorker):
             # last second may have lost the job since we claimed it, and writing single fields would leave a
             # stub that neither rq nor a client can read. Written whole, the job exists again, as started here.
             job.save(pipeline=pipe, include_meta=False)
-            pipe.hincrby(job.key, ATTEMPTS_FIELD, 1)
+            pipe.hincrby(job.key, keys.JOB_ATTEMPTS_FIELD, 1)
             pipe.hset(job.key, keys.JOB_LOGGED_AT_START_FIELD, logged)
             _, _, attempt, _ = pipe.execute()
         self.execution = None
