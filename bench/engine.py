@@ -36,7 +36,7 @@ def peak_rss_mib() -> float:
 def run_transformers(dtype_name: str) -> dict:
     import torch
     from bench import hf_baseline as hf
-    from gpu_worker.model_store import resolve_model
+    from gpu_worker.weights.model_store import resolve_model
 
     model_dir, dtype = resolve_model(MODEL), hf.DTYPES[dtype_name]
     vocab = 49152
@@ -53,7 +53,7 @@ def run_transformers(dtype_name: str) -> dict:
 def run_tpqueue(dtype_name: str, tp: int) -> dict:
     from bench import hf_baseline as hf
     from common.sampling import SamplingParams
-    from gpu_worker.offline import Engine
+    from gpu_worker.llm import Engine
 
     vocab = 49152
     with Engine(MODEL, tp=tp, dtype=dtype_name) as engine:

@@ -36,12 +36,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.embedded_redis import RedisServer  # noqa: E402
+from producer.local_stack.embedded_redis import RedisServer  # noqa: E402
 from common.sampling import SamplingParams  # noqa: E402
 from common.settings import get_settings  # noqa: E402
 from producer import AsyncClient, Client, Session  # noqa: E402
-from router.demo_cli import percentile  # noqa: E402
-from router.stack import LocalStack, StackOptions  # noqa: E402
+from producer.local_stack.demo_cli import percentile  # noqa: E402
+from producer.local_stack.stack import LocalStack, StackOptions  # noqa: E402
 
 REPEATS = 2  # throughput runs per side; the best of each is compared (this VM's noise is about 20%)
 SYSTEM = ("You are a patient assistant for engineers who run language model servers. " * 24).strip()
@@ -154,7 +154,7 @@ def multi_turn(client: Client, sessions: int = 8, turns: int = 6) -> list[float]
 
 
 def engine_throughput(tp: int, n: int, max_tokens: int) -> list[float]:
-    from gpu_worker.offline import Engine
+    from gpu_worker.llm import Engine
 
     runs = []
     with Engine("smollm2-135m-instruct", tp=tp) as engine:

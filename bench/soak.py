@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis  # noqa: E402
 
 from common import keys  # noqa: E402
-from common.embedded_redis import RedisServer  # noqa: E402
+from producer.local_stack.embedded_redis import RedisServer  # noqa: E402
 from common.errors import (  # noqa: E402
     JobCancelled, JobFailed, JobNotFound, ResultTimeout, StreamIncomplete, TpqError,
 )
@@ -66,9 +66,9 @@ from common.settings import get_settings  # noqa: E402
 from common.token_log import position_of, read_log  # noqa: E402
 from producer import Client  # noqa: E402
 from producer.client import BatchHandle  # noqa: E402
-from router.demo_cli import percentile  # noqa: E402
+from producer.local_stack.demo_cli import percentile  # noqa: E402
 from router.rq_maintenance import started_entries  # noqa: E402
-from router.stack import LocalStack, StackOptions  # noqa: E402
+from producer.local_stack.stack import LocalStack, StackOptions  # noqa: E402
 
 SOAK_ENV = {  # fast failure detection, as in the fault tests (tests/conftest.py FAST_ENV)
     "TPQ_HEARTBEAT_INTERVAL_S": "0.25",

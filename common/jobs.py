@@ -29,7 +29,7 @@ from common.errors import InvalidRequestError
 from common.results import StreamEnd, TokenEvent
 from common.schemas import GenerationRequest, describe_validation_error, parse_request
 
-GENERATE_FUNC = "gpu_worker.jobs.generate"
+GENERATE_FUNC = "gpu_worker.serve.jobs.generate"
 """The one job function a tpqueue worker runs (its allow-list)."""
 
 REQUEST_KWARG = "request"

@@ -3,7 +3,7 @@
 
 def __getattr__(name: str):
     if name == "Engine":  # imported lazily: it brings in torch
-        from gpu_worker.offline import Engine
+        from gpu_worker.llm import Engine
         return Engine
     raise AttributeError(name)
 

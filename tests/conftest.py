@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from common.settings import get_settings
-from router.stack import LocalStack, StackOptions
+from producer.local_stack.stack import LocalStack, StackOptions
 from tests.redis_server import RedisServer
 
 

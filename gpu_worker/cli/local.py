@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     prompt = args.prompt if args.raw else (
         ([{"role": "system", "content": args.system}] if args.system else [])
         + [{"role": "user", "content": args.prompt}])
-    from gpu_worker.offline import Engine  # imports torch: only now
+    from gpu_worker.llm import Engine  # imports torch: only now
 
     try:
         with Engine(args.model, tp=args.tp, dtype=args.dtype) as engine:

@@ -5,7 +5,7 @@ import argparse
 
 from common.errors import TpqError
 from gpu_worker.engine.engine_config import DEFAULT_MODEL
-from gpu_worker.model_store import resolve_model
+from gpu_worker.weights.model_store import resolve_model
 
 
 def main(argv: list[str]) -> int:

@@ -17,10 +17,10 @@ import torch
 
 from common.errors import WorkerGroupError
 from common.logs import configure_logging
-from gpu_worker.distributed import destroy_group, free_port, init_group, rank_device, threads_per_rank
+from gpu_worker.layers.distributed import destroy_group, free_port, init_group, rank_device, threads_per_rank
 from gpu_worker.engine.model_runner import ModelRunner, RunnerSpec
 from gpu_worker.engine.plan import Command, PlanChannel, StepPlan, shutdown_plan
-from gpu_worker.serve.heartbeat import HeartbeatSpec, HeartbeatThread
+from common.heartbeat import HeartbeatSpec, HeartbeatThread
 
 log = logging.getLogger("tpqueue.executor")
 

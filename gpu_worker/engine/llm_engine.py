@@ -11,7 +11,7 @@ import torch
 from common.errors import InvalidConfigError, InvalidRequestError
 from common.results import FinishReason, GenerationResult, Timings, TokenEvent, Usage
 from common.sampling import SamplingParams
-from gpu_worker.config import ModelConfig
+from gpu_worker.models.config import ModelConfig
 from gpu_worker.engine.block_manager import BlockManager
 from gpu_worker.engine.engine_config import EngineConfig
 from gpu_worker.engine.executor import Executor
@@ -20,9 +20,9 @@ from gpu_worker.engine.plan import order_decodes_first, pack_step
 from gpu_worker.engine.sampler import Sampler
 from gpu_worker.engine.scheduler import Scheduler, SchedulerConfig
 from gpu_worker.engine.sequence import Priority, Sequence
-from gpu_worker.model_store import resolve_model
-from gpu_worker.serve.heartbeat import HeartbeatSpec
-from gpu_worker.tokenizer import IncrementalDetokenizer, Tokenizer
+from gpu_worker.weights.model_store import resolve_model
+from common.heartbeat import HeartbeatSpec
+from gpu_worker.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("tpqueue.engine")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from gpu_worker.config import ModelConfig
-from gpu_worker.distributed import get_parallel_context, rank_device
+from gpu_worker.models.config import ModelConfig
+from gpu_worker.layers.distributed import get_parallel_context, rank_device
 from gpu_worker.engine.plan import StepPlan
 from gpu_worker.layers.attention import AttentionMetadata, PrefillSpan
-from gpu_worker.loader import load_weights
+from gpu_worker.models.loader import load_weights
 from gpu_worker.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("tpqueue.model_runner")

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_worker.distributed import all_reduce, gather_to_driver, get_parallel_context
+from gpu_worker.layers.distributed import all_reduce, gather_to_driver, get_parallel_context
 from gpu_worker.layers import gemm
 from gpu_worker.layers.linear import padded_shard_size
-from gpu_worker.layers.weights import copy_shard
+from gpu_worker.layers.sharding import copy_shard
 
 
 class VocabParallelEmbedding(nn.Module):

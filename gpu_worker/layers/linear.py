@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gpu_worker.distributed import all_reduce, divide, get_parallel_context
+from gpu_worker.layers.distributed import all_reduce, divide, get_parallel_context
 from gpu_worker.layers import gemm
-from gpu_worker.layers.weights import CheckpointSlice, copy_shard
+from gpu_worker.layers.sharding import CheckpointSlice, copy_shard
 
 
 def padded_shard_size(size: int, world_size: int) -> int:

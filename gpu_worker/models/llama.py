@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_worker.config import ModelConfig
+from gpu_worker.models.config import ModelConfig
 from gpu_worker.layers.attention import AttentionMetadata, PagedAttention
 from gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from gpu_worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear

@@ -30,9 +30,9 @@ from common.redis_conn import connect
 from common.settings import Settings
 from gpu_worker.engine.engine_config import EngineConfig
 from gpu_worker.engine.llm_engine import LLMEngine
-from gpu_worker.rq_adapter import disable_pickle
+from gpu_worker.serve.batch_worker import disable_pickle
 from gpu_worker.serve.engine_loop import EngineLoop
-from gpu_worker.serve.heartbeat import HeartbeatSpec, HeartbeatThread
+from common.heartbeat import HeartbeatSpec, HeartbeatThread
 from gpu_worker.serve.job_pump import Fenced, JobPump
 from gpu_worker.serve.metrics import serve_group_metrics
 from gpu_worker.serve.publisher import Publisher

@@ -34,10 +34,10 @@ from common.results import FinishReason, GenerationResult, JobResult, StreamEnd,
 from common.schemas import GenerationRequest, check_limits
 from common.settings import Settings
 from common.token_log import attempt_made_progress, log_is_whole, logged_count, queue_messages, resume_point
-from gpu_worker.jobs import engine_priority, prompt_token_ids
-from gpu_worker.rq_adapter import BatchWorker, Claimed, ClaimRefused, ForbiddenJobFunction, Started
+from gpu_worker.serve.jobs import engine_priority, prompt_token_ids
+from gpu_worker.serve.batch_worker import BatchWorker, Claimed, ClaimRefused, ForbiddenJobFunction, Started
 from gpu_worker.serve.engine_loop import Abort, Admit, EngineLoop, StepReport
-from gpu_worker.tokenizer import Tokenizer
+from gpu_worker.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

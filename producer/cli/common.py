@@ -5,7 +5,7 @@ import argparse
 from typing import Any
 
 from common.settings import Settings, get_settings
-from common.stack_info import redis_url_for
+from producer.local_stack.stack_info import redis_url_for
 from producer.client import Client
 
 

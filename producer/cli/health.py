@@ -23,7 +23,7 @@ from common.groups import FENCED_FIELD, read_groups, read_heartbeats, read_shard
 from common.health import GroupHealth, judge_group
 from common.redis_conn import connect
 from common.settings import Settings, get_settings
-from common.stack_info import redis_url_for
+from producer.local_stack.stack_info import redis_url_for
 
 
 def build_parser() -> argparse.ArgumentParser:

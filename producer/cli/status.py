@@ -20,7 +20,7 @@ from common.groups import read_groups, read_heartbeats, read_shard_map, shards_o
 from common.health import GroupHealth, judge_group
 from common.redis_conn import connect, redact_url
 from common.settings import Settings, get_settings
-from common.stack_info import redis_url_for
+from producer.local_stack.stack_info import redis_url_for
 
 
 def collect_status(conn: redis.Redis, settings: Settings) -> dict[str, Any]:

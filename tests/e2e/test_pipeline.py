@@ -26,7 +26,7 @@ from producer import Client
 from tests.pipeline_checks import RESULT_TIMEOUT_S, assert_streams_match_results, collect
 
 def offline_greedy(model: str, prompts: list[str], max_tokens: int, tp: int = 1) -> list[list[int]]:
-    from gpu_worker.offline import Engine
+    from gpu_worker.llm import Engine
 
     with Engine(model, tp=tp) as engine:
         results = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
@@ -52,7 +52,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(start_stack, redis_url, tiny_llama_
         batch = client.submit_batch([{"prompt": p, "sampling": {"temperature": 0, "max_tokens": 12}}
                                      for p in prompts[6:]])
         write_raw_job(conn, keys.BATCH_QUEUE, "forbidden-func", "os.getcwd")
-        write_raw_job(conn, keys.BATCH_QUEUE, "pickled-job", "gpu_worker.jobs.generate", DefaultSerializer)
+        write_raw_job(conn, keys.BATCH_QUEUE, "pickled-job", "gpu_worker.serve.jobs.generate", DefaultSerializer)
         handles = interactive + list(batch)
         outcomes = collect(handles)
         after = client.submit(prompt="still serving?", temperature=0, max_tokens=4)
@@ -96,7 +96,7 @@ def test_smollm2_tp3_interactive_sessions_and_batch(start_stack, redis_url):
         outcomes = collect(interactive + list(batch))
     assert len(outcomes) == 24 + 64
     assert_streams_match_results(outcomes)
-    from gpu_worker.offline import Engine
+    from gpu_worker.llm import Engine
 
     with Engine("smollm2-135m-instruct", tp=1) as engine:
         chats = [[{"role": "user", "content": q}] for q in questions]

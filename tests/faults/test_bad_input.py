@@ -466,7 +466,7 @@ def raw_payloads(draw: st.DrawFn, conn: redis.Redis, queue: str, settings_: Sett
         request = {**draw(valid_requests()), "request_id": job_id}
         data = envelope(job_kwargs(GenerationRequest.model_validate(request)),
                         draw(st.sampled_from(["os.system", "builtins.eval", "subprocess.run", PLANTED_MODULE + ".run",
-                                              "gpu_worker.jobs.prompt_token_ids", ""])))
+                                              "gpu_worker.serve.jobs.prompt_token_ids", ""])))
     elif kind == "bound instance":
         request = {**draw(valid_requests()), "request_id": job_id}
         data = envelope(job_kwargs(GenerationRequest.model_validate(request)), instance=draw(json_values.filter(
@@ -529,7 +529,7 @@ def raw_payloads(draw: st.DrawFn, conn: redis.Redis, queue: str, settings_: Sett
 @pytest.fixture
 def pump(redis_url: str, tiny_llama_dir) -> Iterator[Any]:
     from gpu_worker.serve.job_pump import JobPump
-    from gpu_worker.tokenizer import Tokenizer
+    from gpu_worker.models.tokenizer import Tokenizer
 
     loop = StubEngineLoop()
     pump = JobPump(limited_settings(redis_url), redis_url, "fuzz", "inc-1", loop, Tokenizer(tiny_llama_dir),
@@ -581,7 +581,7 @@ def _is_tpq_id(job_id: str) -> bool:
 def test_raw_payloads_fail_cleanly_and_good_jobs_are_admitted(
     redis_url: str, pump: Any, webhook_trap: WebhookTrap, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gpu_worker import rq_adapter
+    from gpu_worker.serve import batch_worker as rq_adapter
 
     conn = redis.Redis.from_url(redis_url)
     caplog.set_level(logging.ERROR)

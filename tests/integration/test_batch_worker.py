@@ -1,4 +1,4 @@
-"""gpu_worker.rq_adapter.BatchWorker against a real redis-server: rq's own registries tell the truth."""
+"""gpu_worker.serve.batch_worker.BatchWorker against a real redis-server: rq's own registries tell the truth."""
 from __future__ import annotations
 
 import redis
@@ -10,7 +10,7 @@ from rq.serializers import JSONSerializer
 
 from common import keys
 from common.jobs import GENERATE_FUNC
-from gpu_worker.rq_adapter import BatchWorker, ClaimRefused
+from gpu_worker.serve.batch_worker import BatchWorker, ClaimRefused
 
 QUEUE = keys.shard_queue_name(3)
 

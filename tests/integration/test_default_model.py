@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gpu_worker import model_store
-from gpu_worker.model_store import DEFAULT_MODEL, REGISTRY, fetch_default_model, resolve_model
-from gpu_worker.tokenizer import Tokenizer
+from gpu_worker.weights import model_store
+from gpu_worker.weights.model_store import DEFAULT_MODEL, REGISTRY, fetch_default_model, resolve_model
+from gpu_worker.models.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 

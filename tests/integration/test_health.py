@@ -17,7 +17,7 @@ from common import keys
 from common.groups import GroupInfo, Heartbeat, fence, make_heartbeat, register_group, write_heartbeat
 from common.redis_conn import connect
 from common.settings import get_settings
-from gpu_worker.serve.heartbeat import HeartbeatSpec, HeartbeatThread
+from common.heartbeat import HeartbeatSpec, HeartbeatThread
 from producer.cli import health as health_cli
 from producer.cli import status as status_cli
 from router.shard_map import write_shard_map

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.embedded_redis import RedisServer
+from producer.local_stack.embedded_redis import RedisServer
 from common.redis_conn import DEFAULT_BACKOFF_BASE_S, DEFAULT_BACKOFF_CAP_S, connect, retries_for
 
 DOWN_S = 7.0  # longer than the ~5 s the default retries wait

@@ -21,8 +21,8 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.webhook import Webhook
 
-from gpu_worker import rq_adapter
-from gpu_worker.rq_adapter import AllowListedJob, ForbiddenJobFunction, UnpicklingDisabled
+from gpu_worker.serve import batch_worker as rq_adapter
+from gpu_worker.serve.batch_worker import AllowListedJob, ForbiddenJobFunction, UnpicklingDisabled
 
 ECHO = "tests.integration.test_rq_safety.echo"
 QUEUE = "safety"
@@ -61,14 +61,14 @@ def conn(redis_url: str) -> Iterator[redis.Redis]:
 def guarded(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Pickle disabled for the test; ``echo`` allowed.
 
-    ``gpu_worker.jobs.generate`` refuses to run outside a worker group, so
+    ``gpu_worker.serve.jobs.generate`` refuses to run outside a worker group, so
     the test extends the allow-list with the harmless ``echo`` above to show
     the worker still runs allowed jobs.
     """
     monkeypatch.setattr(rq_adapter, "ALLOWED_FUNCS", rq_adapter.ALLOWED_FUNCS | {ECHO})
     echo_calls.clear()
     pwned_calls.clear()
-    caplog.set_level(logging.INFO, logger="gpu_worker.rq_adapter")
+    caplog.set_level(logging.INFO, logger="gpu_worker.serve.batch_worker")
     with rq_adapter.pickle_disabled():
         yield
     assert not rq_adapter.is_pickle_disabled()

@@ -4,8 +4,8 @@ import torch
 
 from common.errors import InvalidConfigError
 from common.sampling import SamplingParams
-from gpu_worker.model_store import resolve_model
-from gpu_worker.offline import Engine
+from gpu_worker.weights.model_store import resolve_model
+from gpu_worker.llm import Engine
 from tests.checkpoints import load_hf_model
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def chats():
 @pytest.fixture(scope="module")
 def transformers_tokens(model_dir, chats):
     """transformers' greedy continuation of each chat, EOS treated as an ordinary token."""
-    from gpu_worker.tokenizer import Tokenizer
+    from gpu_worker.models.tokenizer import Tokenizer
 
     tokenizer, model = Tokenizer(model_dir), load_hf_model(model_dir)
     expected = []

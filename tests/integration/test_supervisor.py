@@ -30,7 +30,7 @@ from common.redis_conn import connect
 from common.results import TokenEvent
 from common.settings import get_settings
 from common.token_log import queue_messages, read_log
-from gpu_worker.rq_adapter import BatchWorker
+from gpu_worker.serve.batch_worker import BatchWorker
 from router import cli, rq_maintenance
 from router.supervisor import Health, HangTracker, Supervisor, classify
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from common.sampling import SamplingParams
-from gpu_worker.distributed import ParallelContext, set_parallel_context
+from gpu_worker.layers.distributed import ParallelContext, set_parallel_context
 from gpu_worker.engine.model_runner import ModelRunner, RunnerSpec
-from gpu_worker.offline import Engine
+from gpu_worker.llm import Engine
 from tests.checkpoints import hf_reference_logits
 from tests.parity import BLOCK_SIZE, NUM_BLOCKS, paged_logits
 

@@ -12,7 +12,7 @@ from common.errors import WorkerGroupError
 from common.sampling import SamplingParams
 from gpu_worker.engine.executor import Executor
 from gpu_worker.engine.model_runner import RunnerSpec
-from gpu_worker.offline import Engine
+from gpu_worker.llm import Engine
 from tests.checkpoints import hf_reference_logits
 from tests.parity import BLOCK_SIZE, NUM_BLOCKS, paged_logits
 
@@ -75,7 +75,7 @@ def test_dead_rank_fails_the_group_fast_instead_of_hanging(tiny_llama_dir):
 def test_child_ranks_exit_when_rank0_dies(tiny_llama_dir):
     script = (
         "import sys, time\n"
-        "from gpu_worker.offline import Engine\n"
+        "from gpu_worker.llm import Engine\n"
         "if __name__ == '__main__':\n"
         f"    e = Engine({str(tiny_llama_dir)!r}, tp=2)\n"
         "    print(*e.llm.executor.child_pids, flush=True)\n"

@@ -63,7 +63,7 @@ def conn(redis_url: str) -> Iterator[redis.Redis]:
 
 def make_pump(redis_url: str, model_dir, max_in_flight: int = 64):
     from gpu_worker.serve.job_pump import JobPump
-    from gpu_worker.tokenizer import Tokenizer
+    from gpu_worker.models.tokenizer import Tokenizer
 
     pump = JobPump(get_settings(redis_url=redis_url, **LIMITS), redis_url, "limits", "inc-1", StubEngineLoop(),
                    Tokenizer(model_dir), max_in_flight=max_in_flight)

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pytest
 
-from common.embedded_redis import free_port
+from producer.local_stack.embedded_redis import free_port
 from common.errors import InvalidConfigError
 from common.redis_conn import RedisUnavailableError, connect
 from common.settings import get_settings

@@ -29,7 +29,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from common.embedded_redis import find_redis_server, free_port
+from producer.local_stack.embedded_redis import find_redis_server, free_port
 from common.errors import InvalidConfigError
 from common.redis_conn import RedisUnavailableError, async_connect, connect, redact_url
 from producer import Client

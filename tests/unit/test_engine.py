@@ -8,8 +8,8 @@ from pydantic import ValidationError
 from common.errors import InvalidConfigError, InvalidRequestError, ModelNotFoundError
 from common.results import FinishReason
 from common.sampling import SamplingParams
-from gpu_worker.config import ModelConfig
-from gpu_worker.offline import Engine
+from gpu_worker.models.config import ModelConfig
+from gpu_worker.llm import Engine
 
 BLOCK = 4
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gpu_worker.distributed import ParallelContext, set_parallel_context
+from gpu_worker.layers.distributed import ParallelContext, set_parallel_context
 from gpu_worker.engine.model_runner import ModelRunner, RunnerSpec
 from gpu_worker.engine.plan import pack_step
 from gpu_worker.engine.sequence import Sequence

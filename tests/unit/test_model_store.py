@@ -18,10 +18,10 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import gpu_worker.gguf_convert as gguf_convert
+import gpu_worker.weights.gguf_convert as gguf_convert
 from common.errors import ModelNotFoundError
-from gpu_worker import model_store
-from gpu_worker.model_store import (
+from gpu_worker.weights import model_store
+from gpu_worker.weights.model_store import (
     DEFAULT_MODEL,
     REGISTRY,
     ModelFetchError,
@@ -30,7 +30,7 @@ from gpu_worker.model_store import (
     resolve_model,
     validate_model_dir,
 )
-from gpu_worker.tokenizer import Tokenizer
+from gpu_worker.models.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -168,7 +168,7 @@ def test_incomplete_target_and_stale_temp_dirs_are_rebuilt(tmp_path: Path,
 BUILDER = """
 import sys, time
 from pathlib import Path
-from gpu_worker.model_store import _build_once
+from gpu_worker.weights.model_store import _build_once
 
 def build(out):
     with open(sys.argv[2], "a") as log:

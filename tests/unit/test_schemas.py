@@ -156,7 +156,7 @@ def test_model_validate_raises_only_validation_error(data):
 
 
 def test_generate_func_is_a_dotted_worker_name():
-    assert GENERATE_FUNC == "gpu_worker.jobs.generate"
+    assert GENERATE_FUNC == "gpu_worker.serve.jobs.generate"
 
 
 def test_job_kwargs_round_trip_through_json():

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from common.errors import InvalidRequestError, ModelNotFoundError
 from common.results import ChatMessage
-from gpu_worker.tokenizer import IncrementalDetokenizer, Tokenizer
+from gpu_worker.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PLAIN_ADDED_TOKEN = "<tool call>"  # added, not special: kept by skip_special_tokens

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
         settings = get_settings()
     except TpqError as exc:
         parser.exit(2, f"tpq up: {exc}\n")
-    from router.stack import LocalStack, StackError, StackOptions
+    from producer.local_stack.stack import LocalStack, StackError, StackOptions
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import redis
 
-from common.embedded_redis import RedisServer
+from producer.local_stack.embedded_redis import RedisServer
 from common.groups import read_groups, read_heartbeats, read_shard_map
 from common.parent_death import signal_on_parent_death
 from common.redis_conn import connect, redact_url
 from common.settings import Settings
-from common.stack_info import local_stack_url, remove_stack_file, stack_file, write_stack_file
+from producer.local_stack.stack_info import local_stack_url, remove_stack_file, stack_file, write_stack_file
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from common.errors import TpqError
 from common.results import JobResult
 from common.settings import get_settings
 from producer import Client, Session
-from router.stack import LocalStack, StackError, StackOptions
+from producer.local_stack.stack import LocalStack, StackError, StackOptions
 
 QUESTION = "In two sentences, why do language model servers batch requests?"
 

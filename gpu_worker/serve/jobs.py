@@ -6,7 +6,7 @@ from typing import Any
 from common.errors import InvalidRequestError, TpqError
 from common.schemas import GenerationRequest
 from gpu_worker.engine.sequence import Priority
-from gpu_worker.tokenizer import Tokenizer
+from gpu_worker.models.tokenizer import Tokenizer
 
 
 class NotAWorkerGroup(TpqError, RuntimeError):

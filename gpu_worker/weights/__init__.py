@@ -1,0 +1,1 @@
+"""Weight acquisition: the model store (registered names, fetch, cache) and the GGUF conversion."""
