@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from common import keys
 from common.errors import InvalidRequestError
 from common.results import StreamEnd, TokenEvent
-from common.schemas import GenerationRequest, describe_validation_error, parse_request
+from common.schemas import GenerationRequest, parse_request, validate_or_raise
 
 GENERATE_FUNC = "gpu_worker.serve.jobs.generate"
 """The one job function a tpqueue worker runs (its allow-list)."""
@@ -79,10 +79,7 @@ def decode_stream_message(data: bytes | str) -> TokenEvent | StreamEnd:
     """
     if not isinstance(data, (bytes, str)):
         raise InvalidRequestError(f"a stream message must be bytes or str, got {type(data).__name__}")
-    try:
-        return _STREAM_MESSAGE.validate_json(data)
-    except ValidationError as e:
-        raise InvalidRequestError(f"malformed stream message: {describe_validation_error(e)}") from None
+    return validate_or_raise(_STREAM_MESSAGE.validate_json, data, "malformed stream message")
 
 
 def log_entry_id(position: int) -> str:

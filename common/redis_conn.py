@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import socket
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -187,39 +188,47 @@ def _bad_url(url: str, why: str) -> InvalidConfigError:
     return InvalidConfigError(f"bad Redis URL {redact_url(url)!r}: {why}. Accepted forms: {ACCEPTED_FORMS}")
 
 
-def _client_kwargs(
-    url: str,
-    *,
-    decode_responses: bool,
-    socket_timeout: float | None,
-    socket_connect_timeout: float | None,
-    health_check_interval: int,
-    client_name: str | None,
-    retries: int,
-    backoff_base_s: float,
-    backoff_cap_s: float,
-) -> dict[str, Any]:
-    parse_redis_url(url)
-    if retries < 0:
-        raise InvalidConfigError(f"retries must be >= 0, got {retries}")
-    if not (0 < backoff_base_s <= backoff_cap_s):
-        raise InvalidConfigError(
-            f"need 0 < backoff_base_s <= backoff_cap_s, got base {backoff_base_s} and cap {backoff_cap_s}"
-        )
-    kwargs: dict[str, Any] = {
-        "decode_responses": decode_responses,
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_connect_timeout,
-        "health_check_interval": health_check_interval,
-        "retry_on_timeout": True,
-        # No CLIENT SETINFO, no CLIENT MAINT_NOTIFICATIONS (for managed clusters' failovers): the connection
-        # handshake then needs only AUTH/HELLO and CLIENT SETNAME, which a tight Redis ACL allows (README "Security").
-        "driver_info": None,
-        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
-    }
-    if client_name is not None:
-        kwargs["client_name"] = client_name
-    return kwargs
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How a tpqueue Redis client connects and retries: the keyword arguments of :func:`connect`."""
+
+    decode_responses: bool = False
+    socket_timeout: float | None = None
+    socket_connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S
+    health_check_interval: int = DEFAULT_HEALTH_CHECK_INTERVAL_S
+    client_name: str | None = None
+    retries: int = DEFAULT_RETRIES
+    backoff_base_s: float = DEFAULT_BACKOFF_BASE_S
+    backoff_cap_s: float = DEFAULT_BACKOFF_CAP_S
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise InvalidConfigError(f"retries must be >= 0, got {self.retries}")
+        if not (0 < self.backoff_base_s <= self.backoff_cap_s):
+            raise InvalidConfigError(
+                f"need 0 < backoff_base_s <= backoff_cap_s, got base {self.backoff_base_s} and cap {self.backoff_cap_s}"
+            )
+
+    @property
+    def backoff(self) -> ExponentialBackoff:
+        return ExponentialBackoff(cap=self.backoff_cap_s, base=self.backoff_base_s)
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of redis-py's ``Redis.from_url`` (sync or asyncio) but ``retry``."""
+        kwargs: dict[str, Any] = {
+            "decode_responses": self.decode_responses,
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_connect_timeout,
+            "health_check_interval": self.health_check_interval,
+            "retry_on_timeout": True,
+            # No CLIENT SETINFO, no CLIENT MAINT_NOTIFICATIONS (for managed clusters' failovers): the connection
+            # handshake then needs only AUTH/HELLO and CLIENT SETNAME, which a tight Redis ACL allows (README "Security").
+            "driver_info": None,
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+        }
+        if self.client_name is not None:
+            kwargs["client_name"] = self.client_name
+        return kwargs
 
 
 def retries_for(outage_s: float, backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
@@ -237,38 +246,24 @@ def retries_for(outage_s: float, backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
     return retries
 
 
-def connect(
-    url: str,
-    *,
-    decode_responses: bool = False,
-    socket_timeout: float | None = None,
-    socket_connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
-    health_check_interval: int = DEFAULT_HEALTH_CHECK_INTERVAL_S,
-    client_name: str | None = None,
-    retries: int = DEFAULT_RETRIES,
-    backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
-    backoff_cap_s: float = DEFAULT_BACKOFF_CAP_S,
-    check: bool = False,
-) -> redis.Redis:
+def connect(url: str, *, check: bool = False, **options: Any) -> redis.Redis:
     """A Redis client for ``url`` that retries connection errors and timeouts.
 
-    A command failing with a connection error or a timeout (including
-    "Redis is loading its AOF") is retried up to ``retries`` times with
-    exponential back-off (``2 * backoff_base_s`` doubling up to
-    ``backoff_cap_s``: about 5 s in all with the defaults), on a fresh
-    connection each time; a rejected password is raised at once. ``socket_timeout=None`` lets blocking commands
-    (BLPOP, XREAD BLOCK) wait as long as they ask. ``client_name`` shows in
-    CLIENT LIST. The client connects lazily; ``check=True`` PINGs now and
-    raises :class:`RedisUnavailableError` if Redis cannot be reached.
-    Raises :class:`InvalidConfigError` for a malformed URL.
+    ``options`` are the fields of :class:`ConnectOptions`. A command failing
+    with a connection error or a timeout (including "Redis is loading its
+    AOF") is retried up to ``retries`` times with exponential back-off
+    (``2 * backoff_base_s`` doubling up to ``backoff_cap_s``: about 5 s in all
+    with the defaults), on a fresh connection each time; a rejected password
+    is raised at once. ``socket_timeout=None`` lets blocking commands (BLPOP,
+    XREAD BLOCK) wait as long as they ask. ``client_name`` shows in CLIENT
+    LIST. The client connects lazily; ``check=True`` PINGs now and raises
+    :class:`RedisUnavailableError` if Redis cannot be reached. Raises
+    :class:`InvalidConfigError` for a malformed URL.
     """
-    kwargs = _client_kwargs(
-        url, decode_responses=decode_responses, socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_connect_timeout, health_check_interval=health_check_interval,
-        client_name=client_name, retries=retries, backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s,
-    )
-    retry = _Retry(ExponentialBackoff(cap=backoff_cap_s, base=backoff_base_s), retries, _RETRY_ERRORS)
-    client = redis.Redis.from_url(url, retry=retry, **kwargs)
+    parse_redis_url(url)
+    opts = ConnectOptions(**options)
+    retry = _Retry(opts.backoff, opts.retries, _RETRY_ERRORS)
+    client = redis.Redis.from_url(url, retry=retry, **opts.client_kwargs())
     if client.connection_pool.connection_class is redis.SSLConnection:
         client.connection_pool.connection_class = _TlsConnection
     if check:
@@ -280,30 +275,16 @@ def connect(
     return client
 
 
-def async_connect(
-    url: str,
-    *,
-    decode_responses: bool = False,
-    socket_timeout: float | None = None,
-    socket_connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
-    health_check_interval: int = DEFAULT_HEALTH_CHECK_INTERVAL_S,
-    client_name: str | None = None,
-    retries: int = DEFAULT_RETRIES,
-    backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
-    backoff_cap_s: float = DEFAULT_BACKOFF_CAP_S,
-) -> redis.asyncio.Redis:
-    """The asyncio twin of :func:`connect` (same URL forms, retries and errors).
+def async_connect(url: str, **options: Any) -> redis.asyncio.Redis:
+    """The asyncio twin of :func:`connect` (same URL forms, :class:`ConnectOptions`, retries and errors).
 
     A plain function: building the client does no I/O; it connects on its
     first command. Close it with ``await client.aclose()``.
     """
-    kwargs = _client_kwargs(
-        url, decode_responses=decode_responses, socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_connect_timeout, health_check_interval=health_check_interval,
-        client_name=client_name, retries=retries, backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s,
-    )
-    retry = _AsyncRetry(ExponentialBackoff(cap=backoff_cap_s, base=backoff_base_s), retries, _RETRY_ERRORS)
-    return redis.asyncio.Redis.from_url(url, retry=retry, **kwargs)
+    parse_redis_url(url)
+    opts = ConnectOptions(**options)
+    retry = _AsyncRetry(opts.backoff, opts.retries, _RETRY_ERRORS)
+    return redis.asyncio.Redis.from_url(url, retry=retry, **opts.client_kwargs())
 
 
 def _unavailable(url: str, error: Exception) -> RedisUnavailableError:

@@ -1,7 +1,8 @@
 """The validated shape of one generation request, and the limits a deployment puts on it."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -10,6 +11,8 @@ from common.errors import InvalidRequestError
 from common.results import ChatMessage
 from common.sampling import SamplingParams
 from common.settings import Settings
+
+T = TypeVar("T")
 
 Priority = Literal["interactive", "batch"]
 MAX_MESSAGES = 4096
@@ -111,10 +114,18 @@ def parse_request(data: Any, *, what: str = "request") -> GenerationRequest:
         return data
     if not isinstance(data, dict):
         raise InvalidRequestError(f"{what} must be a mapping of fields, got {type(data).__name__}")
+    return validate_or_raise(GenerationRequest.model_validate, data, f"invalid {what}")
+
+
+def validate_or_raise(validate: Callable[[Any], T], data: Any, problem: str) -> T:
+    """``validate(data)``; a pydantic error becomes :class:`InvalidRequestError` ``"<problem>: <summary>"``.
+
+    The summary (:func:`describe_validation_error`) names the bad fields without echoing their values.
+    """
     try:
-        return GenerationRequest.model_validate(data)
+        return validate(data)
     except ValidationError as e:
-        raise InvalidRequestError(f"invalid {what}: {describe_validation_error(e)}") from None
+        raise InvalidRequestError(f"{problem}: {describe_validation_error(e)}") from None
 
 
 def describe_validation_error(error: ValidationError) -> str:
