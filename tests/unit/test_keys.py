@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import subprocess
 import sys
@@ -176,17 +177,89 @@ def test_rq_key_names_match_rq(fake_redis) -> None:
     assert keys.rq_result_key("j1") == Result.get_key("j1")
 
 
+# A sample value for each parameter a key-building function of common.keys takes (by name, else by
+# type). A new kind of parameter fails test_every_key_function_can_be_sampled until it gets a sample.
+SAMPLE_BY_NAME = {"counter": keys.JOB_COUNTERS[0]}
+SAMPLE_BY_TYPE = {"str": "sample0id", "int": 3917, "str | None": "sample0id", "str | bytes": "sample0id"}
+
+
+def key_functions() -> dict[str, object]:
+    """Every public function of common.keys, by name (key builders and validators alike)."""
+    return {name: f for name, f in inspect.getmembers(keys, inspect.isfunction)
+            if f.__module__ == keys.__name__ and not name.startswith("_")}
+
+
+def sample_call(function) -> tuple[object, list[object]]:
+    """``function`` called with a sample for each required parameter: ``(what it returned, the samples)``."""
+    samples = []
+    for param in inspect.signature(function).parameters.values():
+        if param.default is not inspect.Parameter.empty:
+            continue
+        if param.name in SAMPLE_BY_NAME:
+            samples.append(SAMPLE_BY_NAME[param.name])
+        else:
+            kind = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", "")
+            assert kind in SAMPLE_BY_TYPE, f"no sample for {function.__name__}({param.name}: {kind})"
+            samples.append(SAMPLE_BY_TYPE[kind])
+    try:
+        return function(*samples), samples
+    except InvalidRequestError:
+        return None, samples  # a validator or parser that refuses the samples: it builds no key
+
+
+def tpqueue_key_prefixes() -> dict[str, set[str]]:
+    """Each key prefix (or whole key) in tpqueue's namespace, with what in common.keys spells it.
+
+    Taken from common.keys itself, so that a new key is covered without editing
+    this test: every module-level string constant in the ``tpq:`` namespace,
+    and every function that builds a ``tpq:`` key from sample arguments (its
+    prefix is the key up to the first argument; a glob pattern counts up to
+    its ``*``; a key without arguments is its own prefix).
+    """
+    prefixes: dict[str, set[str]] = {}
+    for name, value in vars(keys).items():
+        if name.isupper() and isinstance(value, str) and value.startswith(keys.KEY_PREFIX) and value != keys.KEY_PREFIX:
+            prefixes.setdefault(value, set()).add(name)
+    for name, function in key_functions().items():
+        key, samples = sample_call(function)
+        if not (isinstance(key, str) and key.startswith(keys.KEY_PREFIX)):
+            continue
+        cuts = [key.find(str(s)) for s in samples if str(s) in key] + [key.find("*")]
+        prefix = key[:min((c for c in cuts if c >= 0), default=len(key))]
+        prefixes.setdefault(prefix, set()).add(f"{name}()")
+    return prefixes
+
+
+def test_every_key_function_can_be_sampled() -> None:
+    built = {name: sample_call(f)[0] for name, f in key_functions().items()}
+    assert {"token_log", "heartbeat", "groups_set", "claimed_jobs", "job_counter"} <= {
+        name for name, key in built.items() if isinstance(key, str) and key.startswith(keys.KEY_PREFIX)}
+
+
 def test_entity_prefixes_do_not_overlap() -> None:
-    names = [
-        keys.TOKEN_CHANNEL_PREFIX, keys.TOKEN_LOG_PREFIX, keys.CANCEL_FLAG_PREFIX, keys.BATCH_INFO_PREFIX,
-        keys.BATCH_JOBS_PREFIX, keys.HEARTBEAT_PREFIX, keys.GROUP_INFO_PREFIX, keys.GROUPS_SET,
-        keys.SHARD_MAP, keys.SHARD_MAP_EPOCH, keys.SUPERVISOR_LOCK,
-    ]
-    assert len(set(names)) == len(names)
-    for a in names:
-        assert a.startswith(keys.KEY_PREFIX)
-        for b in names:
-            assert a == b or not b.startswith(a), f"{b!r} starts with the prefix {a!r}"
+    prefixes = tpqueue_key_prefixes()
+    assert len(prefixes) >= 13, sorted(prefixes)  # the 13 entities of the key table, at least
+    for prefix, spelled_by in prefixes.items():
+        functions = sorted(s for s in spelled_by if s.endswith("()"))
+        assert functions, f"{prefix!r} ({', '.join(sorted(spelled_by))}) is built by no function of common.keys"
+        stem = functions[0][:-2]
+        assert all(f.startswith(stem) for f in functions), f"{prefix!r} is built by two entities: {functions}"
+        for other in prefixes:
+            assert other == prefix or not other.startswith(prefix), (
+                f"{other!r} ({', '.join(sorted(prefixes[other]))}) starts with the prefix {prefix!r} "
+                f"({', '.join(sorted(spelled_by))}): a SCAN of one entity would match the other")
+
+
+def test_keys_with_arguments_end_their_prefix_with_a_separator() -> None:
+    for prefix, spelled_by in tpqueue_key_prefixes().items():
+        if any(name.endswith("_PREFIX") for name in spelled_by):
+            assert prefix.endswith(":"), f"{prefix!r} ({', '.join(sorted(spelled_by))}) should end with ':'"
+
+
+def test_queue_names_do_not_overlap() -> None:
+    names = [keys.SHARD_QUEUE_PREFIX, keys.BATCH_QUEUE]
+    assert not any(a != b and b.startswith(a) for a in names for b in names), names
+    assert all(not name.startswith(keys.KEY_PREFIX) for name in names)
 
 
 def test_shard_queue_name_round_trip() -> None:
