@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from common import keys
 from common.groups import FENCED_FIELD, read_groups, read_heartbeats, read_shard_map
 from common.health import GroupHealth, judge_group
+from common.text import as_optional_text, as_text
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ def redis_state_samples(conn: redis.Redis, num_shards: int, heartbeat_ttl_s: flo
         *depths, enqueued, cancelled = pipe.execute()
     samples: list[Sample] = [(RedisState.QUEUE_DEPTH, [name], depth) for name, depth in zip(queue_names, depths)]
     for spec, counts in ((RedisState.ENQUEUED, enqueued), (RedisState.CANCELLED_QUEUED, cancelled)):
-        samples += [(spec, [_text(queue)], int(count)) for queue, count in sorted(counts.items())]
+        samples += [(spec, [as_text(queue)], int(count)) for queue, count in sorted(counts.items())]
     now = time.time()
     beats = read_heartbeats(conn)
     samples += [(RedisState.HEARTBEAT_AGE, [b.group, str(b.rank)], max(0.0, now - b.ts)) for b in beats]
@@ -314,17 +315,12 @@ def redis_state_samples(conn: redis.Redis, num_shards: int, heartbeat_ttl_s: flo
         fences = dict(zip(groups, pipe.execute()))
     epoch, shard_map = read_shard_map(conn)
     for name, info in groups.items():
-        verdict = judge_group(info, _text(fences[name]) if fences[name] else None,
-                              [b for b in beats if b.group == name], now=now, heartbeat_ttl_s=heartbeat_ttl_s,
-                              hang_after_s=hang_after_s)
+        verdict = judge_group(info, as_optional_text(fences[name]), [b for b in beats if b.group == name], now=now,
+                              heartbeat_ttl_s=heartbeat_ttl_s, hang_after_s=hang_after_s)
         samples.append((RedisState.GROUP_UP, [name], 1 if verdict.health is GroupHealth.LIVE else 0))
         samples.append((RedisState.GROUP_SHARDS, [name], sum(1 for g in shard_map.values() if g == name)))
     samples.append((RedisState.MAP_EPOCH, [], epoch))
     return samples
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # ------------------------------------------------------------------ the server

@@ -23,6 +23,7 @@ from common.groups import FENCED_FIELD, read_groups, read_heartbeats, read_shard
 from common.health import GroupHealth, judge_group
 from common.redis_conn import connect
 from common.settings import Settings, get_settings
+from common.text import as_optional_text
 from producer.local_stack.stack_info import redis_url_for
 
 
@@ -53,7 +54,7 @@ def check(conn: redis.Redis, settings: Settings, groups: list[str] | None = None
         with conn.pipeline(transaction=False) as pipe:
             for name in infos:
                 pipe.hget(keys.group_info(name), FENCED_FIELD)
-            fences = {name: _text(raw) for name, raw in zip(infos, pipe.execute())}
+            fences = {name: as_optional_text(raw) for name, raw in zip(infos, pipe.execute())}
         names = groups or sorted(infos)
         if not names:
             problems.append("no worker group is registered (start one with `tpq worker`, or `tpq up`)")
@@ -85,10 +86,6 @@ def check(conn: redis.Redis, settings: Settings, groups: list[str] | None = None
     if problems:
         return False, "FAIL: " + "; ".join(problems)
     return True, "OK: " + ", ".join(fine)
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def main(argv: list[str]) -> int:

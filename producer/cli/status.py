@@ -16,10 +16,11 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 
 from common import keys
 from common.errors import TpqError
-from common.groups import read_groups, read_heartbeats, read_shard_map, shards_of
+from common.groups import FENCED_FIELD, read_groups, read_heartbeats, read_shard_map, shards_of
 from common.health import GroupHealth, judge_group
 from common.redis_conn import connect, redact_url
 from common.settings import Settings, get_settings
+from common.text import as_optional_text
 from producer.local_stack.stack_info import redis_url_for
 
 
@@ -29,17 +30,15 @@ def collect_status(conn: redis.Redis, settings: Settings) -> dict[str, Any]:
     groups = read_groups(conn)
     beats = read_heartbeats(conn)
     epoch, shard_map = read_shard_map(conn)
-    fenced = {name: conn.hget(keys.group_info(name), "fenced") for name in groups}
+    fenced = {name: conn.hget(keys.group_info(name), FENCED_FIELD) for name in groups}
     group_rows = []
     for name, info in groups.items():
         ranks = [b for b in beats if b.group == name and b.incarnation == info.incarnation]
         rank0 = next((b for b in ranks if b.rank == 0), None)
-        fence = fenced[name].decode() if fenced[name] else None
-        verdict = judge_group(info, fence, ranks, now=now, heartbeat_ttl_s=settings.heartbeat_ttl_s,
-                              hang_after_s=settings.hang_timeout_s)
-        alive = len(ranks) == info.tp and fence != info.incarnation
+        verdict = judge_group(info, as_optional_text(fenced[name]), ranks, now=now,
+                              heartbeat_ttl_s=settings.heartbeat_ttl_s, hang_after_s=settings.hang_timeout_s)
         group_rows.append({
-            "group": name, "incarnation": info.incarnation, "state": "up" if alive else "down",
+            "group": name, "incarnation": info.incarnation, "state": "up" if verdict.health.processes_up else "down",
             "health": verdict.health.value, "health_reason": verdict.reason, "tp": info.tp,
             "model": info.model, "host": info.host, "worker": info.worker_name, "metrics_port": info.metrics_port,
             "ranks": [{"rank": b.rank, "pid": b.pid, "host": b.host, "step": b.step,
