@@ -36,17 +36,23 @@ class HeartbeatThread(threading.Thread):
     sequences) are read at each beat (plain int reads, safe across threads).
     Each beat also carries steps/s and tokens/s over the last
     ``RATE_WINDOW_S`` and for how long ``step`` has not moved while jobs
-    were in flight (``stalled_s``), so ``tpq status`` and ``tpq health``
-    need one read. A failed write is logged and retried at the next beat:
-    the supervisor, not this thread, decides what a missing heartbeat means.
+    were in flight (``stalled_s``): the stall is measured here, by the rank
+    whose loop stalls, so ``common.health.judge_group`` (the supervisor,
+    ``tpq status``, ``tpq health``) needs one read and no timer of its own,
+    and a restarted supervisor sees a hang that began before it. ``clock``
+    (monotonic seconds) times the stall and the rates. A failed write is
+    logged and retried at the next beat: the supervisor, not this thread,
+    decides what a missing heartbeat means.
     """
 
     def __init__(self, spec: HeartbeatSpec, rank: int, step: Callable[[], int],
                  in_flight: Callable[[], int] = lambda: 0, tokens: Callable[[], int] = lambda: 0,
-                 load: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
+                 load: Callable[[], tuple[int, int]] = lambda: (0, 0),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(name=f"tpq-heartbeat-{rank}", daemon=True)
         self.spec, self.rank = spec, rank
         self._step, self._in_flight, self._tokens, self._load = step, in_flight, tokens, load
+        self._clock = clock
         self._samples: deque[tuple[float, int, int]] = deque()  # (monotonic time, step, tokens)
         self._progress_at: float | None = None  # when step last moved (or nothing was in flight)
         self._stop_event = threading.Event()
@@ -54,7 +60,7 @@ class HeartbeatThread(threading.Thread):
 
     def beat(self) -> None:
         """Write one heartbeat now."""
-        now = time.monotonic()
+        now = self._clock()
         step, in_flight, tokens = self._step(), self._in_flight(), self._tokens()
         running, waiting = self._load()
         steps_per_s, tokens_per_s = self._rates(now, step, tokens)
@@ -93,7 +99,8 @@ class HeartbeatThread(threading.Thread):
             self._stop_event.wait(self.spec.interval_s)
 
     def stop(self) -> None:
-        """Stop beating (the key then expires after its TTL unless deleted)."""
+        """Stop beating, if started (the key then expires after its TTL unless deleted), and close the connection."""
         self._stop_event.set()
-        self.join(timeout=5)
+        if self.ident is not None:
+            self.join(timeout=5)
         self._conn.close()

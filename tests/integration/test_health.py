@@ -15,6 +15,7 @@ import pytest
 
 from common import keys
 from common.groups import GroupInfo, Heartbeat, fence, make_heartbeat, register_group, write_heartbeat
+from common.health import GroupHealth, judge_group
 from common.redis_conn import connect
 from common.settings import get_settings
 from common.heartbeat import HeartbeatSpec, HeartbeatThread
@@ -126,28 +127,66 @@ def test_nothing_registered_or_no_redis_fails(env, capsys, monkeypatch):
     assert code == 1 and line.startswith("FAIL: ") and "secret" not in line
 
 
+class FakeClock:
+    """A monotonic clock the test sets by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_heartbeat_thread_reports_rates_and_a_stall(redis_url):
     conn = connect(redis_url)
-    spec = HeartbeatSpec(redis_url, "g0", "inc1", interval_s=0.05, ttl_s=5)
+    spec = HeartbeatSpec(redis_url, "g0", "inc1", interval_s=0.25, ttl_s=5)
     state = {"step": 0, "tokens": 0, "in_flight": 2}
+    clock = FakeClock()
     beat = HeartbeatThread(spec, 0, step=lambda: state["step"], in_flight=lambda: state["in_flight"],
-                           tokens=lambda: state["tokens"], load=lambda: (2, 1))
+                           tokens=lambda: state["tokens"], load=lambda: (2, 1), clock=clock)
 
-    def read() -> Heartbeat:
+    def read(at: float) -> Heartbeat:
+        clock.now = at
         beat.beat()  # what the thread does every interval (it is not started: the test beats)
         return Heartbeat.model_validate_json(conn.get(keys.heartbeat("g0", 0)))
 
-    for _ in range(5):
+    for i in range(1, 6):
         state["step"] += 10
         state["tokens"] += 20
-        time.sleep(0.05)
-        hb = read()
-    assert hb.steps_per_s > 0 and hb.tokens_per_s == pytest.approx(2 * hb.steps_per_s, abs=0.01)  # both rounded
+        hb = read(0.25 * i)
+    assert (hb.steps_per_s, hb.tokens_per_s) == (40.0, 80.0)  # 40 steps and 80 tokens over the 1 s since the first
     assert (hb.running, hb.waiting, hb.tokens, hb.stalled_s) == (2, 1, 100, 0.0)
-    time.sleep(0.3)  # the step stops with jobs in flight
-    read()
-    hb = read()
-    assert hb.stalled_s >= 0.25 and hb.step == 50
+    assert read(1.5).stalled_s == 0.25  # the step stops with jobs in flight
+    hb = read(1.75)
+    assert hb.stalled_s == 0.5 and hb.step == 50
     state["in_flight"] = 0
-    assert read().stalled_s == 0.0
+    assert read(2.0).stalled_s == 0.0
+    beat.stop()
+    conn.close()
+
+
+def test_the_hang_clock_runs_only_while_jobs_are_in_flight(redis_url):
+    """A group idle on a frozen step is live however long; once it holds jobs it is hung a hang timeout later.
+
+    The chain the supervisor, tpq health and tpq status share: rank 0's heartbeat thread, then judge_group.
+    """
+    conn = connect(redis_url)
+    info = GroupInfo(group="g0", incarnation="inc1", tp=1, model="m", host="h", pid=1, worker_name="w", started_at=0)
+    state = {"in_flight": 0}
+    clock = FakeClock()
+    beat = HeartbeatThread(HeartbeatSpec(redis_url, "g0", "inc1", interval_s=0.5, ttl_s=5), 0, step=lambda: 5,
+                           in_flight=lambda: state["in_flight"], clock=clock)
+
+    def judge(at: float) -> GroupHealth:
+        clock.now = at
+        beat.beat()
+        hb = Heartbeat.model_validate_json(conn.get(keys.heartbeat("g0", 0)))
+        return judge_group(info, None, [hb], now=hb.ts, heartbeat_ttl_s=5, hang_after_s=1.0).health
+
+    assert judge(0.0) is GroupHealth.LIVE
+    assert judge(50.0) is GroupHealth.LIVE
+    state["in_flight"] = 2
+    assert judge(50.5) is GroupHealth.LIVE, "the hang clock starts when jobs are in flight"
+    assert judge(51.5) is GroupHealth.HUNG
+    beat.stop()
     conn.close()
