@@ -10,11 +10,13 @@ One pass (:meth:`Supervisor.run_once`, every ``interval_s``):
    while Redis was down (their TTLs run on the wall clock), and the live
    ranks have not had time to write new ones.
 2. Read every registered group, its fence and its ranks' heartbeats, and
-   classify each incarnation (:class:`Health`): LIVE when every rank's
-   heartbeat carries its incarnation and it is not fenced; DEAD when a
-   rank's heartbeat is missing (after a start-up grace of
-   ``heartbeat_ttl_s`` from ``started_at``); HUNG when rank 0's ``step`` has
-   not moved for ``hang_timeout_s`` while it holds jobs.
+   judge each incarnation with :func:`common.health.judge_group`, the one
+   verdict ``tpq health``, ``tpq status`` and the metrics also report:
+   DEAD when a rank's heartbeat is missing (after a start-up grace of
+   ``heartbeat_ttl_s`` from ``started_at``): a crashed or SIGSTOPped rank
+   writes none; HUNG when rank 0 holds jobs and its step has not moved for
+   ``hang_timeout_s``, as rank 0's heartbeat thread measures and reports
+   (``stalled_s``; it beats on while the decode loop is stuck).
 3. Fence every DEAD or HUNG incarnation, write the shard map for the LIVE
    groups (epoch-guarded; also whenever the live set changed), then requeue
    the fenced incarnations' started rq jobs at once (Retry applies).
@@ -23,8 +25,11 @@ One pass (:meth:`Supervisor.run_once`, every ``interval_s``):
    intermediate-queue cleanups, and a sweep of every still-registered fenced
    incarnation's jobs (what a supervisor that died mid-recovery left).
 
-State lives in Redis; only the hang timers are in memory, so a restarted
-supervisor picks up where the last one stopped (hang detection restarts).
+All state lives in Redis, hang detection included (the stall is measured
+by the group and carried in its heartbeat; the supervisor keeps no timer),
+so a restarted supervisor, or a standby taking over, picks up where the last
+one stopped: a hang that began before it started is declared as soon as it
+reaches ``hang_timeout_s``, not ``hang_timeout_s`` after the restart.
 """
 from __future__ import annotations
 
@@ -34,15 +39,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 
 import redis
 
 from common import keys
 from common.groups import FENCED_FIELD, GroupInfo, Heartbeat, fence, read_groups, read_shard_map
+from common.health import GroupHealth, GroupVerdict, judge_group
 from common.logs import job_event
 from common.metrics import GroupMetrics
 from common.settings import Settings
+from common.text import as_optional_text
 from router import rq_maintenance
 from router.shard_map import assign_shards, moved_shards, write_shard_map
 
@@ -69,24 +75,6 @@ return 0
 """
 
 
-class Health(str, Enum):
-    """What the supervisor concludes about a group's registered incarnation."""
-
-    LIVE = "live"
-    STARTING = "starting"  # registered, heartbeats not all there yet, still within the start-up grace
-    DEAD = "dead"
-    HUNG = "hung"
-    FENCED = "fenced"  # fenced earlier; waits for its launcher to restart it
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The health of one incarnation and, when not LIVE, why."""
-
-    health: Health
-    reason: str = ""
-
-
 @dataclass
 class PassResult:
     """What one :meth:`Supervisor.run_once` did."""
@@ -102,74 +90,6 @@ class PassResult:
     settling: str = ""  # why groups were not judged this pass (Redis restarted moments ago)
 
 
-@dataclass
-class _StepClock:
-    """When rank 0's step of one incarnation was last seen to move (or the group was idle)."""
-
-    step: int
-    since: float
-
-
-class HangTracker:
-    """In-memory timers of rank 0's ``step`` per incarnation; a supervisor restart starts them afresh."""
-
-    def __init__(self, hang_timeout_s: float) -> None:
-        self.hang_timeout_s = hang_timeout_s
-        self._clocks: dict[tuple[str, str], _StepClock] = {}
-
-    def observe(self, beat: Heartbeat, now: float) -> float:
-        """Record rank 0's heartbeat; return for how long its step has been stuck with jobs in flight."""
-        key = (beat.group, beat.incarnation)
-        clock = self._clocks.get(key)
-        if clock is None or clock.step != beat.step or beat.in_flight == 0:
-            self._clocks[key] = _StepClock(beat.step, now)
-            return 0.0
-        return now - clock.since
-
-    def is_hung(self, beat: Heartbeat, now: float) -> tuple[bool, float]:
-        """``(hung, seconds stuck)`` after observing ``beat``."""
-        stuck = self.observe(beat, now)
-        return stuck >= self.hang_timeout_s, stuck
-
-    def forget_all_but(self, incarnations: set[tuple[str, str]]) -> None:
-        """Drop the timers of incarnations no longer registered."""
-        for key in set(self._clocks) - incarnations:
-            del self._clocks[key]
-
-    def clear(self) -> None:
-        self._clocks.clear()
-
-
-def classify(
-    info: GroupInfo, fenced: str | None, beats: list[Heartbeat | None], tracker: HangTracker,
-    *, heartbeat_ttl_s: float, now: float, monotonic_now: float,
-) -> Verdict:
-    """The :class:`Verdict` on ``info``'s incarnation from its fence and its ranks' heartbeats (rank order).
-
-    A heartbeat that carries another incarnation counts as missing.
-    """
-    if fenced == info.incarnation:
-        return Verdict(Health.FENCED, "fenced earlier")
-    missing = [rank for rank, beat in enumerate(beats) if beat is None or beat.incarnation != info.incarnation]
-    if missing:
-        age = now - info.started_at
-        if age < heartbeat_ttl_s:
-            return Verdict(Health.STARTING, f"started {age:.1f} s ago; waiting for rank(s) {_ranks(missing)}")
-        return Verdict(Health.DEAD, f"no heartbeat from rank(s) {_ranks(missing)} of {info.tp} "
-                                    f"(heartbeat TTL {heartbeat_ttl_s:g} s)")
-    rank0 = beats[0]
-    assert rank0 is not None
-    hung, stuck = tracker.is_hung(rank0, monotonic_now)
-    if hung:
-        return Verdict(Health.HUNG, f"hung: step stuck at {rank0.step} for {stuck:.1f} s with "
-                                    f"{rank0.in_flight} job(s) in flight (hang timeout {tracker.hang_timeout_s:g} s)")
-    return Verdict(Health.LIVE)
-
-
-def _ranks(ranks: list[int]) -> str:
-    return ", ".join(map(str, ranks))
-
-
 class Supervisor:
     """Watches worker groups through Redis and recovers from dead or hung ones (see the module docstring).
 
@@ -180,7 +100,9 @@ class Supervisor:
     changed in a map this supervisor wrote), ``shard_map_writes``,
     ``jobs_requeued`` and ``jobs_failed`` (started jobs of fenced
     incarnations requeued, or failed for lack of retries), ``expired_jobs_cleaned``
-    (expired started entries handed to rq's cleanup).
+    (expired started entries handed to rq's cleanup). ``clock`` (Unix
+    time) is the verdicts' clock; ``monotonic`` times the grace after a
+    Redis restart and the maintenance interval.
     """
 
     def __init__(
@@ -209,7 +131,6 @@ class Supervisor:
         self._clock, self._monotonic = clock, monotonic
         self._renew = conn.register_script(_RENEW_SCRIPT)
         self._release = conn.register_script(_RELEASE_SCRIPT)
-        self._tracker = HangTracker(settings.hang_timeout_s)
         self._leader = False
         self._last_maintenance = float("-inf")
         self._redis_run_id: str | None = None
@@ -261,12 +182,12 @@ class Supervisor:
         infos = read_groups(self.conn)
         fenced, beats = self._read_fences_and_beats(infos)
         verdicts = self._judge(infos, fenced, beats)
-        result = PassResult(leader=True, live=sorted(g for g, v in verdicts.items() if v.health is Health.LIVE))
-        declared = {g: v for g, v in verdicts.items() if v.health in (Health.DEAD, Health.HUNG)}
+        result = PassResult(leader=True, live=sorted(g for g, v in verdicts.items() if v.health is GroupHealth.LIVE))
+        declared = {g: v for g, v in verdicts.items() if v.health.to_fence}
         self._fence(infos, declared, result)
         self._update_shard_map(result)
         for group in declared:
-            self._requeue(infos[group], declared[group].reason, result)
+            self._requeue(infos[group], result.declared[group], result)
         self._maintain(infos, fenced, result)
         return result
 
@@ -297,7 +218,6 @@ class Supervisor:
     def _become_leader(self) -> None:
         log.info("supervisor %s: acquired the supervisor lock; now active", self.owner_id)
         self._leader = True
-        self._tracker.clear()
         self._last_maintenance = float("-inf")  # sweep what a previous supervisor may have left at once
 
     def _redis_settling(self) -> str:
@@ -334,8 +254,8 @@ class Supervisor:
 
     def _read_fences_and_beats(
         self, infos: dict[str, GroupInfo]
-    ) -> tuple[dict[str, str | None], dict[str, list[Heartbeat | None]]]:
-        """Each group's fence value and its ranks' heartbeats (None where missing), in one round trip."""
+    ) -> tuple[dict[str, str | None], dict[str, list[Heartbeat]]]:
+        """Each group's fence value and its ranks' present heartbeats, in one round trip."""
         with self.conn.pipeline(transaction=False) as pipe:
             for name, info in infos.items():
                 pipe.hget(keys.group_info(name), FENCED_FIELD)
@@ -344,24 +264,23 @@ class Supervisor:
         fenced, beats = {}, {}
         for i, name in enumerate(infos):
             raw_fence, raw_beats = replies[2 * i], replies[2 * i + 1]
-            fenced[name] = raw_fence.decode() if isinstance(raw_fence, bytes) else raw_fence
-            beats[name] = [_parse_beat(raw) for raw in raw_beats]
+            fenced[name] = as_optional_text(raw_fence)
+            beats[name] = [beat for beat in map(_parse_beat, raw_beats) if beat is not None]
         return fenced, beats
 
     def _judge(
-        self, infos: dict[str, GroupInfo], fenced: dict[str, str | None], beats: dict[str, list[Heartbeat | None]]
-    ) -> dict[str, Verdict]:
-        now, mono = self._clock(), self._monotonic()
-        self._tracker.forget_all_but({(g, i.incarnation) for g, i in infos.items()})
+        self, infos: dict[str, GroupInfo], fenced: dict[str, str | None], beats: dict[str, list[Heartbeat]]
+    ) -> dict[str, GroupVerdict]:
+        now = self._clock()
         return {
-            name: classify(info, fenced[name], beats[name], self._tracker,
-                           heartbeat_ttl_s=self.settings.heartbeat_ttl_s, now=now, monotonic_now=mono)
+            name: judge_group(info, fenced[name], beats[name], now=now, heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+                              hang_after_s=self.settings.hang_timeout_s)
             for name, info in infos.items()
         }
 
     # -------------------------------------------------------------- acting
 
-    def _fence(self, infos: dict[str, GroupInfo], declared: dict[str, Verdict], result: PassResult) -> None:
+    def _fence(self, infos: dict[str, GroupInfo], declared: dict[str, GroupVerdict], result: PassResult) -> None:
         if not declared:
             return
         with self.conn.pipeline(transaction=False) as pipe:
@@ -371,10 +290,10 @@ class Supervisor:
         for group, verdict in declared.items():
             info = infos[group]
             self.groups_declared_dead += 1
-            self.groups_declared_hung += verdict.health is Health.HUNG
-            result.declared[group] = verdict.reason
+            self.groups_declared_hung += verdict.health is GroupHealth.HUNG
+            result.declared[group] = _declared_reason(verdict)
             log.info("group %s (incarnation %s, rq worker %s) declared %s and fenced: %s",
-                     group, info.incarnation, info.worker_name, verdict.health.value, verdict.reason)
+                     group, info.incarnation, info.worker_name, verdict.health.value, result.declared[group])
 
     def _update_shard_map(self, result: PassResult) -> None:
         epoch, current = read_shard_map(self.conn)
@@ -433,6 +352,11 @@ class Supervisor:
         stuck = rq_maintenance.clean_queues(self.conn, self.queue_names)
         if stuck:
             log.info("%d job(s) stuck in rq intermediate queues requeued or failed", stuck)
+
+
+def _declared_reason(verdict: GroupVerdict) -> str:
+    """Why an incarnation was fenced, as :class:`PassResult` and the requeued jobs' failure text say it."""
+    return f"hung: {verdict.reason}" if verdict.health is GroupHealth.HUNG else verdict.reason
 
 
 def _parse_beat(raw: bytes | None) -> Heartbeat | None:

@@ -21,10 +21,12 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
+from rq.utils import current_timestamp
 
 from common import keys
 from common.groups import (GroupInfo, fence, is_fenced, make_heartbeat, new_incarnation, read_shard_map,
                            register_group, unregister_group, write_heartbeat)
+from common.heartbeat import HeartbeatSpec, HeartbeatThread
 from common.jobs import GENERATE_FUNC
 from common.redis_conn import connect
 from common.results import TokenEvent
@@ -32,7 +34,7 @@ from common.settings import get_settings
 from common.token_log import queue_messages, read_log
 from gpu_worker.serve.batch_worker import BatchWorker
 from router import cli, rq_maintenance
-from router.supervisor import Health, HangTracker, Supervisor, classify
+from router.supervisor import Supervisor
 
 SETTINGS = get_settings(heartbeat_interval_s=0.2, heartbeat_ttl_s=0.6, hang_timeout_s=1.0, num_shards=8,
                         job_retries=2)
@@ -62,11 +64,29 @@ def register(conn: redis.Redis, group: str, *, tp: int = 1, started_ago_s: float
     return info
 
 
-def beat(conn: redis.Redis, info: GroupInfo, *, step: int = 0, in_flight: int = 0, ranks: range | None = None) -> None:
-    """Write the heartbeats of ``info``'s ranks (all by default), with the settings' TTL."""
+def beat(conn: redis.Redis, info: GroupInfo, *, step: int = 0, in_flight: int = 0, ranks: range | None = None,
+         ttl_s: float = SETTINGS.heartbeat_ttl_s) -> None:
+    """Write the heartbeats of ``info``'s ranks (all by default), with the settings' TTL unless ``ttl_s``."""
     for rank in ranks if ranks is not None else range(info.tp):
         write_heartbeat(conn, make_heartbeat(info.group, rank, info.incarnation, step if rank == 0 else 0,
-                                             in_flight if rank == 0 else 0), SETTINGS.heartbeat_ttl_s)
+                                             in_flight if rank == 0 else 0), ttl_s)
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rank0_heartbeat(redis_url: str, info: GroupInfo, clock: FakeClock, *, step, in_flight) -> HeartbeatThread:
+    """Rank 0's real heartbeat thread for ``info`` (not started: the test calls ``beat()``), timed by ``clock``."""
+    spec = HeartbeatSpec(redis_url, info.group, info.incarnation, SETTINGS.heartbeat_interval_s,
+                         SETTINGS.heartbeat_ttl_s)
+    return HeartbeatThread(spec, 0, step=step, in_flight=in_flight, clock=clock)
 
 
 def live_group(conn: redis.Redis, group: str, *, tp: int = 1) -> GroupInfo:
@@ -111,13 +131,33 @@ def shard_of(conn: redis.Redis, group: str) -> int:
     return min(s for s, g in read_shard_map(conn)[1].items() if g == group)
 
 
-def wait_gone(conn: redis.Redis, key: str, timeout_s: float = 3.0) -> float:
-    """Poll until ``key`` has expired; the time it was first seen gone."""
+def wait_gone(conn: redis.Redis, key: str, timeout_s: float = 3.0) -> None:
+    """Poll until Redis shows ``key`` expired (asserted within ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
     while conn.exists(key):
-        assert time.monotonic() < deadline, f"{key} did not expire"
+        assert time.monotonic() < deadline, f"{key} did not expire within {timeout_s:g} s"
         time.sleep(0.01)
-    return time.monotonic()
+
+
+def started_scores(conn: redis.Redis, queue_name: str) -> list[float]:
+    """The expiry scores (Unix seconds) of ``queue_name``'s started-registry entries."""
+    key = StartedJobRegistry(queue_name, connection=conn).key
+    return [score for _, score in conn.zrange(key, 0, -1, withscores=True)]
+
+
+def wait_started_expired(conn: redis.Redis, queue_name: str, timeout_s: float = 5.0) -> None:
+    """Poll until every started entry of ``queue_name`` is expired by rq's clock and by Redis TIME (asserted).
+
+    rq scores in whole seconds and its cleanup takes entries scored at or before ``current_timestamp()``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        scores = started_scores(conn, queue_name)
+        assert scores, f"no started entry in {queue_name}"
+        if max(scores) <= min(current_timestamp(), conn.time()[0]):
+            return
+        assert time.monotonic() < deadline, f"started entries of {queue_name} did not expire within {timeout_s:g} s"
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ shard map
@@ -167,15 +207,13 @@ def test_a_dead_group_is_fenced_its_shards_move_and_its_jobs_go_to_the_front(con
     queue_name = keys.shard_queue_name(shard_of(conn, "g1"))
     start_job(conn, queue_name, "victim", g1.worker_name)
     enqueue(conn, queue_name, "bystander")
-    last_beat = time.monotonic()
-    beat(conn, g1)
-    while time.monotonic() - last_beat < SETTINGS.heartbeat_ttl_s + 2.0:  # g2 keeps beating, g1 has died
-        beat(conn, g2)
-        result = sup.run_once()
-        if result.declared:
-            break
-        time.sleep(0.02)
-    assert time.monotonic() - last_beat >= SETTINGS.heartbeat_ttl_s, "not before its heartbeat expired"
+    beat(conn, g2, ttl_s=60)  # g2 lives on
+    beat(conn, g1)  # g1's last heartbeat: then it dies
+    before = sup.run_once()
+    assert conn.pttl(keys.heartbeat("g1", 0)) > 0, "precondition: that pass saw g1's heartbeat"
+    assert before.declared == {}, "not before its heartbeat expired"
+    wait_gone(conn, keys.heartbeat("g1", 0))
+    result = sup.run_once()
     assert list(result.declared) == ["g1"] and "no heartbeat from rank(s) 0" in result.declared["g1"]
     assert is_fenced(conn, "g1", g1.incarnation) and not is_fenced(conn, "g2", g2.incarnation)
     assert read_shard_map(conn)[1] == {s: "g2" for s in range(8)}
@@ -195,12 +233,9 @@ def test_a_dead_groups_claimed_but_unstarted_jobs_go_back_to_their_queue(conn: r
         enqueue(conn, queue_name, job_id)
     for _ in range(2):  # what BatchWorker.claim does: LMOVE from the queue's front into the claimed list
         conn.lmove(keys.rq_queue_key(queue_name), keys.claimed_jobs("g1"), "LEFT", "RIGHT")
-    last_beat = time.monotonic()
-    while time.monotonic() - last_beat < SETTINGS.heartbeat_ttl_s + 2.0:
-        beat(conn, g2)
-        if sup.run_once().declared:
-            break
-        time.sleep(0.02)
+    beat(conn, g2, ttl_s=60)
+    wait_gone(conn, keys.heartbeat("g1", 0))  # g1 died after claiming
+    assert list(sup.run_once().declared) == ["g1"]
     assert is_fenced(conn, "g1", g1.incarnation)
     assert queued_ids(conn, queue_name) == ["claimed-a", "claimed-b", "waiting"]
     assert conn.llen(keys.claimed_jobs("g1")) == 0
@@ -210,41 +245,49 @@ def test_a_dead_groups_claimed_but_unstarted_jobs_go_back_to_their_queue(conn: r
     assert conn.llen(keys.claimed_jobs("g1")) == 1
 
 
-def test_a_hung_group_is_fenced_after_the_hang_timeout(conn: redis.Redis) -> None:
+def test_a_hung_group_is_fenced_after_the_hang_timeout(conn: redis.Redis, redis_url: str) -> None:
+    """Rank 0's heartbeat thread beats on while its decode loop is stuck; the stall it reports makes the group hung.
+
+    The ranks' heartbeat threads run on a fake clock, one heartbeat interval per supervisor pass.
+    """
     sup = supervisor(conn)
     hung, busy = live_group(conn, "hung"), live_group(conn, "busy")
     sup.run_once()
     queue_name = keys.shard_queue_name(shard_of(conn, "hung"))
     start_job(conn, queue_name, "stuck", hung.worker_name)  # its rq execution stays fresh (TTL ~90 s)
-    frozen_since = time.monotonic()
-    step = 0
-    while time.monotonic() - frozen_since < SETTINGS.hang_timeout_s + 2.0:
-        step += 1
-        beat(conn, hung, step=7, in_flight=1)
-        beat(conn, busy, step=step, in_flight=3)
+    clock, busy_steps = FakeClock(), iter(range(1, 1000))
+    threads = [rank0_heartbeat(redis_url, hung, clock, step=lambda: 7, in_flight=lambda: 1),
+               rank0_heartbeat(redis_url, busy, clock, step=lambda: next(busy_steps), in_flight=lambda: 3)]
+    for tick in range(1, 100):
+        for thread in threads:
+            thread.beat()
         result = sup.run_once()
-        if result.declared:
+        if result.declared or clock.now > SETTINGS.hang_timeout_s + 2.0:
             break
-        time.sleep(0.05)
-    declared_after = time.monotonic() - frozen_since
+        clock.now = tick * SETTINGS.heartbeat_interval_s  # seconds since the hung group's step froze
+    for thread in threads:
+        thread.stop()
     assert list(result.declared) == ["hung"] and "step stuck at 7" in result.declared["hung"]
-    assert declared_after >= SETTINGS.hang_timeout_s, "not before the hang timeout"
+    assert clock.now >= SETTINGS.hang_timeout_s, "not before the hang timeout"
+    assert clock.now < SETTINGS.hang_timeout_s + SETTINGS.heartbeat_interval_s, "at the first beat past it"
     assert is_fenced(conn, "hung", hung.incarnation) and sup.groups_declared_hung == 1
     assert set(read_shard_map(conn)[1].values()) == {"busy"}
     assert result.requeued == ["stuck"] and queued_ids(conn, queue_name) == ["stuck"]
     assert fetch(conn, "stuck").retries_left == 1
 
 
-def test_an_idle_group_with_a_frozen_step_is_not_hung() -> None:
-    tracker = HangTracker(hang_timeout_s=1.0)
-    info = GroupInfo(group="g", incarnation="i", tp=1, model="m", host="h", pid=1, worker_name="w", started_at=0)
-    idle = make_heartbeat("g", 0, "i", step=5, in_flight=0)
-    busy = make_heartbeat("g", 0, "i", step=5, in_flight=2)
-    judge = lambda b, t: classify(info, None, [b], tracker, heartbeat_ttl_s=1, now=100, monotonic_now=t)  # noqa: E731
-    assert judge(idle, 0.0).health is Health.LIVE
-    assert judge(idle, 50.0).health is Health.LIVE
-    assert judge(busy, 50.5).health is Health.LIVE, "the hang clock starts when jobs are in flight"
-    assert judge(busy, 51.6).health is Health.HUNG
+def test_a_restarted_supervisor_declares_a_hang_that_began_before_it(conn: redis.Redis, redis_url: str) -> None:
+    """The stall is measured by the group, not by a supervisor's timer: a fresh supervisor loses no hang time."""
+    hung = live_group(conn, "hung")
+    clock = FakeClock()
+    thread = rank0_heartbeat(redis_url, hung, clock, step=lambda: 7, in_flight=lambda: 2)
+    thread.beat()  # the step froze here, while the previous supervisor ran
+    clock.now = SETTINGS.hang_timeout_s
+    thread.beat()
+    thread.stop()
+    result = supervisor(conn).run_once()  # its first pass
+    assert list(result.declared) == ["hung"] and result.declared["hung"].startswith("hung: step stuck at 7")
+    assert is_fenced(conn, "hung", hung.incarnation)
 
 
 def test_a_stale_heartbeat_of_an_older_incarnation_counts_as_missing(conn: redis.Redis) -> None:
@@ -386,10 +429,13 @@ def test_requeue_works_on_fakeredis_too(fake_redis: redis.Redis) -> None:
 
 
 class ShortTTLWorker(SimpleWorker):
-    """A worker whose executions expire after one second unless refreshed."""
+    """A worker whose executions expire two seconds after they start unless refreshed.
+
+    rq scores in whole seconds, so that is at least one whole second after the start.
+    """
 
     def get_heartbeat_ttl(self, job: Job) -> int:
-        return 1
+        return 2
 
 
 def test_an_expired_started_job_is_requeued_by_rqs_cleanup(conn: redis.Redis) -> None:
@@ -397,7 +443,8 @@ def test_an_expired_started_job_is_requeued_by_rqs_cleanup(conn: redis.Redis) ->
     start_job(conn, queue_name, "expired", "tpq-gone-1", worker_class=ShortTTLWorker)
     sup = supervisor(conn)
     assert sup.run_once().expired == 0
-    time.sleep(2.1)  # rq scores in whole seconds
+    assert max(started_scores(conn, queue_name)) > current_timestamp(), "precondition: that pass ran before expiry"
+    wait_started_expired(conn, queue_name)
     assert sup.run_once().expired == 1 and sup.expired_jobs_cleaned == 1
     assert queued_ids(conn, queue_name) == ["expired"] and fetch(conn, "expired").retries_left == 1
 
@@ -451,7 +498,7 @@ def test_a_crashed_supervisors_lock_expires_and_the_standby_takes_over(conn: red
     crashed = supervisor(conn, interval_s=0.05, lock_ttl_s=0.3)
     standby = supervisor(conn, interval_s=0.05, lock_ttl_s=0.3)
     assert crashed.run_once().leader and not standby.run_once().leader
-    time.sleep(0.35)  # the crashed one never renews nor releases
+    wait_gone(conn, keys.supervisor_lock())  # the crashed one never renews nor releases
     assert standby.run_once().leader
     assert not crashed.run_once().leader and not crashed.is_leader
 
@@ -555,31 +602,39 @@ def keep_alive(conn: redis.Redis, queue_name: str) -> None:
 def test_after_a_redis_restart_groups_are_judged_only_once_their_heartbeats_could_return(redis_server, conn) -> None:
     """Keys written before a restart expire on the wall clock while Redis is down: a live group's heartbeats
     and its jobs' rq heartbeats are gone when Redis answers again. The supervisor waits one heartbeat TTL
-    before it judges groups or hands expired started jobs to rq's cleanup, so nothing live is fenced or requeued."""
-    sup = supervisor(conn)
+    before it judges groups or hands expired started jobs to rq's cleanup, so nothing live is fenced or requeued.
+
+    The supervisor's grace runs on a fake monotonic clock; what must expire in Redis is waited for and asserted
+    (Redis expires keys on the wall clock, so waiting after the restart leaves what a longer outage would)."""
+    clock = FakeClock()
+    sup = supervisor(conn, monotonic=clock)
     info = live_group(conn, "g0")
     queue_name = keys.shard_queue_name(2)
     start_job(conn, queue_name, "running", info.worker_name, worker_class=ShortTTLWorker)
     assert sup.run_once().live == ["g0"]
 
     redis_server.stop()
-    time.sleep(2.1)  # longer than the heartbeat TTL and than the job's rq TTL (rq scores in whole seconds)
     redis_server.start()
-    assert not conn.exists(keys.heartbeat("g0", 0))
+    wait_gone(conn, keys.heartbeat("g0", 0))  # the heartbeat and the job's rq heartbeat ran out meanwhile
+    wait_started_expired(conn, queue_name)
     waiting = sup.run_once()
     assert waiting.settling and not waiting.declared and waiting.expired == 0
     assert cli.describe_pass(waiting).startswith("waiting: ")
-    deadline = time.monotonic() + SETTINGS.heartbeat_ttl_s + 2
-    while (result := sup.run_once()).settling:  # meanwhile the group's ranks and job pump write again
-        beat(conn, info)
-        keep_alive(conn, queue_name)
-        assert time.monotonic() < deadline, "the supervisor did not resume judging groups"
-        time.sleep(0.05)
+    beat(conn, info)  # meanwhile the group's ranks and job pump write again
+    keep_alive(conn, queue_name)
+    clock.now = SETTINGS.heartbeat_ttl_s * 0.99
+    assert sup.run_once().settling, "groups judged before a heartbeat TTL had passed"
+    clock.now = SETTINGS.heartbeat_ttl_s
+    beat(conn, info)
+    result = sup.run_once()
+    assert not result.settling, "the supervisor did not resume judging groups after a heartbeat TTL"
     assert result.live == ["g0"] and not result.declared and not result.requeued and result.expired == 0
     assert fetch(conn, "running").get_status() == JobStatus.STARTED
 
     redis_server.stop()  # a group that does not beat again after the grace is dead, as ever
     redis_server.start()
+    clock.now = 10.0
     assert sup.run_once().settling
-    time.sleep(SETTINGS.heartbeat_ttl_s)
+    clock.now += 1.5 * SETTINGS.heartbeat_ttl_s  # past the grace
+    wait_gone(conn, keys.heartbeat("g0", 0))
     assert sup.run_once().declared.keys() == {"g0"}
