@@ -53,6 +53,7 @@ from common.settings import Settings, get_settings
 from gpu_worker.serve.job_pump import MAX_ERROR_CHARS
 from producer import Client
 from producer.stream import JobState, ResultWatch
+from tests.doubles import StubEngineLoop
 
 LIMITS = {"max_prompt_chars": 2000, "max_tokens_limit": 512, "max_batch_size": 8}
 MAX_MESSAGE_CHARS = 600  # a refusal is one short message: it never echoes a prompt back
@@ -348,16 +349,6 @@ def test_submit_batch_refuses_too_many_and_non_lists_without_touching_redis(
 
 
 # ------------------------------------------------------------------ the queue, written directly
-
-
-class StubEngineLoop:
-    """The engine loop's inbox only: records what the job pump admits (no model runs)."""
-
-    def __init__(self) -> None:
-        self.admitted: dict[str, Any] = {}
-
-    def submit(self, command: Any) -> None:
-        self.admitted[command.request_id] = command
 
 
 class WebhookTrap(HTTPServer):

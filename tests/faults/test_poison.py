@@ -22,6 +22,7 @@ from common.settings import get_settings
 from common.token_log import queue_messages, read_log
 from gpu_worker.serve.engine_loop import StepReport
 from producer import Client
+from tests.doubles import StubEngineLoop
 
 RETRIES = 2
 
@@ -38,22 +39,12 @@ class ExplodingTokenizer:
         return self.encode(" ".join(m.content for m in messages))
 
 
-class InboxOnly:
-    """The engine loop's inbox: records admissions."""
-
-    def __init__(self) -> None:
-        self.admitted: list[str] = []
-
-    def submit(self, command: Any) -> None:
-        self.admitted.append(command.request_id)
-
-
 @pytest.fixture
 def pump(redis_url: str) -> Iterator[Any]:
     from gpu_worker.serve.job_pump import JobPump
 
     settings = get_settings(redis_url=redis_url, job_retries=RETRIES)
-    pump = JobPump(settings, redis_url, "poison-test", "inc-1", InboxOnly(), ExplodingTokenizer(), max_in_flight=100)
+    pump = JobPump(settings, redis_url, "poison-test", "inc-1", StubEngineLoop(), ExplodingTokenizer(), max_in_flight=100)
     pump.worker.register()
     yield pump
     pump.worker.unregister()

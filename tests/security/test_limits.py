@@ -28,6 +28,7 @@ from common.jobs import GENERATE_FUNC
 from common.schemas import MAX_MESSAGES
 from common.settings import get_settings
 from producer import Client
+from tests.doubles import StubEngineLoop
 
 LIMITS = {"max_prompt_chars": 50, "max_tokens_limit": 300, "max_batch_size": 3, "max_queue_depth": 4}
 
@@ -44,14 +45,6 @@ AT_THE_LIMIT = [
     {"prompt": "x", "sampling": {"max_tokens": 300}},
     {"messages": [{"role": "user", "content": ""}] * MAX_MESSAGES},
 ]
-
-
-class StubEngineLoop:
-    def __init__(self) -> None:
-        self.admitted: list[str] = []
-
-    def submit(self, command: Any) -> None:
-        self.admitted.append(command.request_id)
 
 
 @pytest.fixture
