@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -82,7 +82,8 @@ class FakeClock:
         return self.now
 
 
-def rank0_heartbeat(redis_url: str, info: GroupInfo, clock: FakeClock, *, step, in_flight) -> HeartbeatThread:
+def rank0_heartbeat(redis_url: str, info: GroupInfo, clock: FakeClock, *, step: Callable[[], int],
+                    in_flight: Callable[[], int]) -> HeartbeatThread:
     """Rank 0's real heartbeat thread for ``info`` (not started: the test calls ``beat()``), timed by ``clock``."""
     spec = HeartbeatSpec(redis_url, info.group, info.incarnation, SETTINGS.heartbeat_interval_s,
                          SETTINGS.heartbeat_ttl_s)
