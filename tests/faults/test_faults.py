@@ -22,12 +22,21 @@ from common import keys
 from common.errors import JobCancelled
 from common.groups import read_groups, read_heartbeats, read_shard_map
 from common.results import FinishReason
-from producer import Client
-from tests.pipeline_checks import RESULT_TIMEOUT_S, assert_streams_match_results, collect
+from producer import Client, JobState
+from tests.pipeline_checks import RESULT_TIMEOUT_S, assert_streams_match_results, collect, log_tail, wait_until
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 300
+MID_STREAM = 10  # tokens every stream has logged when a fault is injected: each job is running, far from its end
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_tp23_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Llama whose 6 query and 6 KV heads split evenly over 2 and over 3 ranks."""
+    from tests.checkpoints import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama-tp23"), hidden_size=96, num_heads=6, num_kv_heads=6)
 
 
 def submit_long_jobs(client: Client, count: int, prefix: str = "job") -> list:
@@ -36,11 +45,31 @@ def submit_long_jobs(client: Client, count: int, prefix: str = "job") -> list:
                           temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True) for i in range(count)]
 
 
-def wait_for_tokens(conn: redis.Redis, handles, at_least: int, timeout_s: float = 120.0) -> None:
+def wait_for_tokens(conn: redis.Redis, handles, at_least: int = 0, *, each: int = 0, timeout_s: float = 120.0) -> None:
+    """Wait until the logs of ``handles`` hold ``at_least`` tokens together and ``each`` tokens every one.
+
+    With ``each``, a log that ends first fails the wait: that job would not be
+    running when the caller injects its fault.
+    """
     deadline = time.monotonic() + timeout_s
-    while sum(conn.xlen(keys.token_log(h.id)) for h in handles) < at_least:
-        assert time.monotonic() < deadline, f"fewer than {at_least} tokens streamed in {timeout_s:.0f} s"
+    while True:
+        if each:
+            counts = unfinished_streams(conn, handles, f"before every stream had {each} tokens")
+        else:
+            counts = {h.id: log_tail(conn, h.id)[0] for h in handles}
+        if sum(counts.values()) >= at_least and min(counts.values()) >= each:
+            return
+        assert time.monotonic() < deadline, (
+            f"{sorted(counts.values())} tokens streamed in {timeout_s:.0f} s (wanted {at_least} together, {each} each)")
         time.sleep(0.02)
+
+
+def unfinished_streams(conn: redis.Redis, handles, when: str = "") -> dict[str, int]:
+    """Tokens logged by each job, asserting that none of the logs has ended: every job is still running."""
+    tails = {h.id: log_tail(conn, h.id) for h in handles}
+    ended = {job_id: (n, end.finish_reason) for job_id, (n, end) in tails.items() if end is not None}
+    assert ended == {}, f"streams ended{' ' + when if when else ''}: {ended}"
+    return {job_id: n for job_id, (n, _) in tails.items()}
 
 
 def streams_in_background(handles) -> tuple[threading.Thread, dict]:
@@ -80,21 +109,25 @@ def current_incarnation(conn: redis.Redis, group: str) -> str:
     return json.loads(conn.hget(keys.group_info(group), "incarnation"))
 
 
-@pytest.mark.parametrize("rank", [1, 0], ids=["a-nonzero-rank", "rank-0"])
-def test_kill_9_of_a_rank_mid_decode(start_stack, redis_url, tiny_llama_dir, rank):
-    """Rank 1: rank 0 sees the collective fail and retries its jobs; rank 0: the supervisor or rq's
-    cleanup requeues them. Either way the launcher restarts the group and the jobs resume from their logs."""
-    stack = start_stack(groups=1, tp=2, model=str(tiny_llama_dir))
+@pytest.mark.parametrize(("tp", "rank"), [(2, 1), (2, 0), (3, 1)], ids=["rank-1-of-2", "rank-0-of-2", "rank-1-of-3"])
+def test_kill_9_of_a_rank_mid_decode_resumes_every_stream(start_stack, redis_url, tiny_llama_tp23_dir, tp, rank):
+    """A non-zero rank: rank 0 sees the collective fail and retries its jobs (at tp=3, rank 2 outlives the
+    killed rank and must go too); rank 0: the supervisor or rq's cleanup requeues them. Either way the launcher
+    restarts the group and every job, killed mid-decode, resumes from its log exactly once."""
+    stack = start_stack(groups=1, tp=tp, model=str(tiny_llama_tp23_dir))
     conn = redis.Redis.from_url(redis_url)
     with Client(redis_url) as client:
         handles = submit_long_jobs(client, 6)
         thread, box = streams_in_background(handles)
-        wait_for_tokens(conn, handles, 60)
+        wait_for_tokens(conn, handles, each=MID_STREAM)
         pid, incarnation = rank_pid(conn, "g0", rank)
         os.kill(pid, signal.SIGKILL)
+        at_kill = unfinished_streams(conn, handles)  # read after the kill: no log had ended at the kill either
         outcomes = finish(thread, box)
+    assert min(at_kill.values()) >= MID_STREAM
     assert_all_complete(outcomes)
-    assert max(r.attempt for _, r in outcomes.values()) >= 2
+    attempts = {job_id: result.attempt for job_id, (_, result) in outcomes.items()}
+    assert set(attempts.values()) == {2}, f"every job ran at the kill and should have resumed once: {attempts}"
     assert current_incarnation(conn, "g0") != incarnation
     stack.wait_ready(timeout_s=60)
 
@@ -173,7 +206,7 @@ def test_redis_restarted_while_tokens_stream(start_stack, redis_server, redis_ur
         handles = submit_long_jobs(client, 4)
         queued = [client.submit(prompt=f"queued {i}", temperature=0, max_tokens=20) for i in range(4)]
         thread, box = streams_in_background(handles + queued)
-        wait_for_tokens(conn, handles, 30)
+        wait_for_tokens(conn, handles, each=MID_STREAM)  # seen: every long job is mid-stream at the restart
         redis_server.restart()  # SIGTERM: Redis writes its AOF and exits; then it starts again on the same port
         outcomes = finish(thread, box)
     assert_streams_match_results(outcomes)
@@ -206,29 +239,70 @@ def test_the_same_request_id_twice_runs_once(start_stack, redis_url, tiny_llama_
     assert ra == rb and ra.attempt == 1
 
 
+def past_its_deadline_mid_stream(client: Client, conn: redis.Redis, window_s: float, sampling: dict) -> tuple:
+    """A job whose deadline passed while it streamed, seen so: ``(its handle, the tries that missed)``.
+
+    A job is submitted with a deadline ``window_s`` away. It must be seen
+    streaming before its deadline, and its log must not have ended at the
+    deadline except by the deadline itself. A try whose deadline came before
+    its first token is repeated with the window doubled; one that finished
+    before its deadline, with the window halved: the window follows this
+    machine's speed instead of assuming one.
+    """
+    missed = []
+    for _ in range(8):
+        late_at = time.time() + window_s
+        handle = client.submit(prompt=f"late while running {len(missed)}", deadline_unix_s=late_at, **sampling)
+        wait_until(lambda: log_tail(conn, handle.id)[0] > 0 or time.time() >= late_at, window_s + 5,
+                   "the late job's first token or its deadline")
+        streamed, end = log_tail(conn, handle.id)
+        seen_running = time.time() < late_at and streamed > 0 and end is None
+        wait_until(lambda: time.time() > late_at or log_tail(conn, handle.id)[1] is not None, window_s + 5,
+                   "the late job's deadline or its end")
+        _, end = log_tail(conn, handle.id)  # read after the deadline or the end, whichever came first
+        if seen_running and (end is None or end.finish_reason == FinishReason.DEADLINE):
+            return handle, missed
+        missed.append(handle)
+        window_s = window_s * 2 if not seen_running else window_s / 2
+        wait_until(lambda: log_tail(conn, handle.id)[1] is not None, 60, "the missed try to end")
+    pytest.fail(f"no deadline fell mid-stream in {len(missed)} tries (last window {window_s:.2f} s)")
+
+
 def test_cancel_and_deadline_while_queued_and_while_running(start_stack, redis_url, tiny_llama_dir):
+    """Every precondition is observed: the queued jobs wait behind three running ones (none of whose logs has
+    ended) past their cancel or deadline; the late running job streams before its deadline and has not
+    finished when it passes."""
     long = {"max_tokens": 480, "ignore_eos": True, "temperature": 0}  # about the tiny model's whole context
     stack = start_stack(groups=1, tp=1, model=str(tiny_llama_dir), extra=["--max-num-seqs", "3"])
     conn = redis.Redis.from_url(redis_url)
     with Client(redis_url) as client:
-        busy = [client.submit(prompt=f"busy {i}", session_id=f"busy-{i}", **long) for i in range(2)]
-        wait_for_tokens(conn, busy, 10)
-        late_running = client.submit(prompt="late while running", deadline_unix_s=time.time() + 1.0, **long)
+        submitted_at = time.monotonic()
+        busy = [client.submit(prompt=f"busy {i}", session_id=f"busy-{i}", **long) for i in range(3)]
+        wait_for_tokens(conn, busy, each=1)  # all three engine slots are taken
+        first_token_s = time.monotonic() - submitted_at
+
         queued_cancel = client.submit(prompt="cancelled while queued", max_tokens=10)
-        queued_late = client.submit(prompt="late while queued", max_tokens=10, deadline_unix_s=time.time() + 0.3)
-        assert queued_cancel.cancel() is True  # all three engine slots are busy: it is still queued
-        time.sleep(0.6)
+        late_at = time.time() + 0.05
+        queued_late = client.submit(prompt="late while queued", max_tokens=10, deadline_unix_s=late_at)
+        wait_until(lambda: time.time() > late_at, 5, "the queued job's deadline")
+        assert (queued_cancel.status(), queued_late.status()) == (JobState.QUEUED, JobState.QUEUED)
+        assert queued_cancel.cancel() is True
+        unfinished_streams(conn, busy, "while jobs were queued behind them")  # no slot was free up to here
         assert busy[0].cancel() is True  # running: frees a slot, so queued_late is admitted after its deadline
-        outcomes = collect([busy[0], late_running])
         with pytest.raises(JobCancelled):
             queued_cancel.result(timeout=30)
         late_result = queued_late.result(timeout=RESULT_TIMEOUT_S)
-        rest = collect([busy[1]])
+        wait_until(lambda: log_tail(conn, busy[0].id)[1] is not None, 60, "the cancelled job to end")
+
+        late_running, missed = past_its_deadline_mid_stream(client, conn, 3 * first_token_s, long)
+        outcomes = collect([busy[0], late_running, *missed])
+        rest = collect(busy[1:])
     assert_streams_match_results({**outcomes, **rest})
     cancelled = outcomes[busy[0].id][1]
     assert cancelled.finish_reason == FinishReason.CANCELLED and 0 < cancelled.usage.generated_tokens < 480
     late = outcomes[late_running.id][1]
     assert late.finish_reason == FinishReason.DEADLINE and 0 < late.usage.generated_tokens < 480
+    assert all(outcomes[h.id][1].finish_reason in (FinishReason.DEADLINE, FinishReason.LENGTH) for h in missed)
     assert late_result.finish_reason == FinishReason.DEADLINE and late_result.token_ids == []
-    assert rest[busy[1].id][1].usage.generated_tokens == 480
+    assert all(rest[h.id][1].usage.generated_tokens == 480 for h in busy[1:])
     assert stack.workers["g0"].poll() is None
