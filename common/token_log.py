@@ -202,3 +202,27 @@ def attempt_made_progress(conn: redis.Redis, job_id: str) -> bool:
         return False
     entry_id = log_entry_id(position)
     return bool(conn.xrange(keys.token_log(job_id), min=entry_id, max=entry_id, count=1))
+
+
+def queue_resume_read(pipe: Any, job_id: str) -> None:
+    """Queue into ``pipe`` the read :func:`resume_point_from` takes: ``job_id``'s whole log.
+
+    For a caller that reads many jobs' resume points (and other keys) in one round trip.
+    """
+    pipe.xrange(keys.token_log(job_id))
+
+
+def resume_point_from(entries: list[tuple[Any, dict[Any, Any]]]) -> tuple[list[TokenEvent], StreamEnd | None]:
+    """:func:`resume_point` from the reply of the read :func:`queue_resume_read` queued (the log's entries)."""
+    messages = [decode_stream_message(fields[LOG_FIELD.encode()] if LOG_FIELD.encode() in fields else fields[LOG_FIELD])
+                for _entry_id, fields in entries]
+    tokens: list[TokenEvent] = []
+    end = None
+    for message in messages:
+        if position_of(message) != len(tokens):
+            break
+        if isinstance(message, StreamEnd):
+            end = message
+            break
+        tokens.append(message)
+    return tokens, end

@@ -1,15 +1,9 @@
 """The supervisor's rq bookkeeping: requeue a dead or hung worker's started jobs, and rq's own cleanups.
 
-The one router module that touches rq internals (rq 2.12, pinned). Each is
-named where it is used:
-
-- rq's Redis layout of a started job: one entry ``<job_id>:<execution_id>``
-  per execution in the StartedJobRegistry sorted set (``registry.key``,
-  ``rq:wip:<queue>``), parsed with ``rq.utils.parse_composite_key``; the
-  ``worker_name`` field of the execution hash (``Execution.key``) and of the
-  job hash (``Job.key``), read in bulk with HMGET instead of one fetch per job.
-- ``Job._handle_failure``: what rq's ``StartedJobRegistry.cleanup`` calls to
-  record a FAILED job (FailedJobRegistry entry and a failure Result).
+The rq internals it relies on (rq 2.12, pinned) come from
+:mod:`common.rq_internals`: the layout of a StartedJobRegistry entry
+(``<job_id>:<execution_id>``) and of the fields that name its worker, and
+rq's failure record (``Job._handle_failure``).
 
 Requeueing mirrors ``StartedJobRegistry.cleanup`` (rq's abandoned-job path)
 for one execution at a time: a job with ``retries_left > 0`` goes through
@@ -42,12 +36,13 @@ from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
-from rq.utils import current_timestamp, parse_composite_key
+from rq.utils import current_timestamp
 from rq.worker_registration import clean_worker_registry
 
-from common import keys
-from common.groups import FENCED_FIELD
-from common.rq_failure import failure_ttl_of, queue_unreadable_failure
+from common.rq_internals import (
+    callback_names, execution_owners, failure_ttl_of, parse_execution_entry, queue_unreadable_failure, record_failure,
+)
+from common.text import as_text
 from common.token_log import attempt_made_progress
 
 log = logging.getLogger(__name__)
@@ -60,14 +55,14 @@ class SupervisorJob(Job):
     """An rq ``Job`` that never runs a callback: the supervisor imports no code a job hash names."""
 
     def execute_failure_callback(self, death_penalty_class: Any, *exc_info: Any) -> None:
-        if self._failure_callback_name:
-            log.warning("job %s: not running its failure callback %r in the supervisor", self.id,
-                        self._failure_callback_name)
+        self._skip("failure callback")
 
     def execute_stopped_callback(self, death_penalty_class: Any) -> None:
-        if self._stopped_callback_name:
-            log.warning("job %s: not running its stopped callback %r in the supervisor", self.id,
-                        self._stopped_callback_name)
+        self._skip("stopped callback")
+
+    def _skip(self, role: str) -> None:
+        if name := callback_names(self)[role]:
+            log.warning("job %s: not running its %s %r in the supervisor", self.id, role, name)
 
 
 class Outcome(str, Enum):
@@ -130,28 +125,19 @@ def started_registry(conn: redis.Redis, name: str) -> StartedJobRegistry:
 def started_entries(conn: redis.Redis, queue_names: Iterable[str]) -> list[StartedEntry]:
     """Every execution in the StartedJobRegistry of ``queue_names``, with its worker's name.
 
-    Three round trips in all. The worker name comes from the execution hash,
-    or from the job hash when the execution hash has expired (rq gives both
-    the same TTL as the registry entry, so a dead worker's may be gone).
+    Two round trips in all (see :func:`common.rq_internals.execution_owners`
+    for where the worker name comes from).
     """
     names = list(queue_names)
     with conn.pipeline(transaction=False) as pipe:
         for name in names:
-            pipe.zrange(started_registry(conn, name).key, 0, -1)  # rq layout: rq:wip:<queue>
+            pipe.zrange(started_registry(conn, name).key, 0, -1)
         members = pipe.execute()
-    found = [(name, _text(m)) for name, ms in zip(names, members) for m in ms]
-    parsed = [(name, ck, *parse_composite_key(ck)) for name, ck in found]  # rq layout: <job_id>:<execution_id>
-    with conn.pipeline(transaction=False) as pipe:
-        for _name, _ck, job_id, execution_id in parsed:
-            pipe.hget(Execution(execution_id, job_id, conn).key, "worker_name")  # rq layout
-            pipe.hmget(Job.key_for(job_id), ["worker_name", "enqueued_at"])  # rq layout
-        fields = pipe.execute()
-    entries = []
-    for i, (name, ck, job_id, execution_id) in enumerate(parsed):
-        from_execution, (from_job, enqueued_at) = fields[2 * i], fields[2 * i + 1]
-        worker = _text(from_execution if from_execution is not None else from_job or b"")
-        entries.append(StartedEntry(name, ck, job_id, execution_id, worker, _text(enqueued_at or b"")))
-    return entries
+    found = [(name, as_text(m)) for name, ms in zip(names, members) for m in ms]
+    parsed = [(name, ck, *parse_execution_entry(ck)) for name, ck in found]
+    owners = execution_owners(conn, [(job_id, execution_id) for _name, _ck, job_id, execution_id in parsed])
+    return [StartedEntry(name, ck, job_id, execution_id, worker, enqueued_at)
+            for (name, ck, job_id, execution_id), (worker, enqueued_at) in zip(parsed, owners)]
 
 
 def requeue_worker_jobs(
@@ -268,7 +254,7 @@ def _requeue_or_fail(
         return Outcome.REQUEUED
     message = f"AbandonedJobError: {reason}; the job has no retries left, so it is FAILED instead of requeued"
     job.set_status(JobStatus.FAILED, pipeline=pipe)
-    job._handle_failure(message, pipe, worker_name=worker_name, execution_id=execution_id)  # rq private
+    record_failure(job, message, pipe, worker_name=worker_name, execution_id=execution_id)
     return Outcome.FAILED
 
 
@@ -302,10 +288,10 @@ def _fail_unreadable_expired(conn: redis.Redis, queue_name: str, now: float) -> 
     (and the supervisor) and leave every other expired job of the queue behind.
     """
     key = started_registry(conn, queue_name).key
-    for member in conn.zrangebyscore(key, 0, now):  # rq layout: <job_id>:<execution_id>, scored by expiry
-        job_id, execution_id = parse_composite_key(_text(member))
+    for member in conn.zrangebyscore(key, 0, now):  # scored by expiry
+        job_id, execution_id = parse_execution_entry(member)
         if conn.exists(Job.key_for(job_id)) and _fetch(conn, job_id)[1] is not None:
-            entry = StartedEntry(queue_name, _text(member), job_id, execution_id, worker_name="", enqueued_at="")
+            entry = StartedEntry(queue_name, as_text(member), job_id, execution_id, worker_name="", enqueued_at="")
             abandon_execution(conn, entry, "its rq heartbeat expired (its worker died or hung)")
 
 
@@ -354,43 +340,9 @@ def clean_intermediate_queue(conn: redis.Redis, queue_name: str) -> int:
         outcome = _abandon(
             conn, job_id, rq_queue, "the job was stuck in rq's intermediate queue for over a minute "
             "(its worker died between dequeueing and starting it)", intermediate.key,
-            lambda pipe, j=job_id: j in {_text(x) for x in pipe.lrange(intermediate.key, 0, -1)},
+            lambda pipe, j=job_id: j in {as_text(x) for x in pipe.lrange(intermediate.key, 0, -1)},
             lambda pipe, job, j=job_id: pipe.lrem(intermediate.key, 1, j),
         )
         moved += outcome in MOVED
     return moved
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-# KEYS[1]: the group's claimed list, KEYS[2]: its group hash. ARGV: the fenced incarnation, the fence field,
-# rq's job-hash prefix, rq's queue-key prefix. Only while that incarnation is still the fenced one (a
-# restarted group clears the fence and returns its claims itself), move every claimed id back to the
-# front of its queue. Nothing is lost if the supervisor dies midway: the script is atomic.
-_RETURN_CLAIMED = """
-if redis.call('HGET', KEYS[2], ARGV[2]) ~= ARGV[1] then return 0 end
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-local moved = 0
-for i = #ids, 1, -1 do
-  local origin = redis.call('HGET', ARGV[3] .. ids[i], 'origin')
-  if origin then
-    redis.call('LPUSH', ARGV[4] .. origin, ids[i])
-    moved = moved + 1
-  end
-end
-redis.call('DEL', KEYS[1])
-return moved
-"""
-
-
-def return_claimed_jobs(conn: redis.Redis, group: str, incarnation: str) -> int:
-    """Put the job ids a fenced incarnation claimed but never started back at the front of their queues.
-
-    Returns how many were returned (0 when the incarnation is no longer the
-    fenced one: its group restarted and returns its claims itself).
-    """
-    script = conn.register_script(_RETURN_CLAIMED)
-    return int(script(keys=[keys.claimed_jobs(group), keys.group_info(group)],
-                      args=[incarnation, FENCED_FIELD, keys.RQ_JOB_PREFIX, keys.RQ_QUEUE_PREFIX]))

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import redis
 
 from common import keys
+from common.claims import return_claimed
 from common.groups import FENCED_FIELD, GroupInfo, Heartbeat, fence, read_groups, read_shard_map
 from common.health import GroupHealth, GroupVerdict, judge_group
 from common.logs import job_event
@@ -315,7 +316,7 @@ class Supervisor:
         why = (f"worker group {info.group} (incarnation {info.incarnation}) was declared dead by the "
                f"supervisor: {reason}")
         report = rq_maintenance.requeue_worker_jobs(self.conn, self.queue_names, info.worker_name, why)
-        returned = rq_maintenance.return_claimed_jobs(self.conn, info.group, info.incarnation)
+        returned = return_claimed(self.conn, info.group, fenced_incarnation=info.incarnation)
         if returned:
             log.info("group %s (incarnation %s): %d claimed but unstarted job(s) put back on their queues",
                      info.group, info.incarnation, returned)

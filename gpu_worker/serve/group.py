@@ -26,14 +26,14 @@ from typing import Any
 from common.errors import WorkerGroupError
 from common.groups import GroupInfo, hostname, new_incarnation, register_group, unregister_group
 from common.metrics import GroupMetrics
+from common.pickle_guard import disable_pickle
 from common.redis_conn import connect
 from common.settings import Settings
 from gpu_worker.engine.engine_config import EngineConfig
 from gpu_worker.engine.llm_engine import LLMEngine
-from gpu_worker.serve.batch_worker import disable_pickle
 from gpu_worker.serve.engine_loop import EngineLoop
 from common.heartbeat import HeartbeatSpec, HeartbeatThread
-from gpu_worker.serve.job_pump import Fenced, JobPump
+from gpu_worker.serve.job_pump import Fenced, JobPump, ShutdownMode
 from gpu_worker.serve.metrics import serve_group_metrics
 from gpu_worker.serve.publisher import Publisher
 
@@ -110,7 +110,7 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
         if publisher is not None and publisher.is_alive():
             publisher.close()  # write what the engine produced, so finished jobs complete
         if pump is not None and pump.is_alive():
-            pump.stop("requeue" if code == EXIT_OK else "retry")
+            pump.stop(ShutdownMode.REQUEUE if code == EXIT_OK else ShutdownMode.RETRY)
         if beat is not None:
             beat.stop()
         if code != EXIT_FENCED:

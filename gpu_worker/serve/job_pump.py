@@ -9,9 +9,10 @@ Each pass it
    re-reads the shard map (which queues to listen on) and checks that its
    incarnation has not been fenced;
 4. claims as many new jobs as the engine has room for, session shards
-   before the shared ``batch`` queue, and admits them: validated again
-   (never trusting the queue), resumed from their token log when an earlier
-   run streamed part of them, and started through rq.
+   before the shared ``batch`` queue, and carries out what
+   :func:`gpu_worker.serve.admission.decide` makes of each: run it (resumed
+   from its token log if an earlier run streamed part of it), complete it
+   from its log, or fail it.
 """
 from __future__ import annotations
 
@@ -20,23 +21,27 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 import redis
 
 from common import keys
-from common.errors import InvalidRequestError, TpqError
+from common.claims import return_claimed
+from common.errors import TpqError
 from common.groups import is_fenced, read_shard_map, shards_of
-from common.jobs import GENERATE_FUNC, request_from_job_kwargs
 from common.logs import job_event
 from common.metrics import GroupMetrics
 from common.redis_conn import connect, retries_for
-from common.results import FinishReason, GenerationResult, JobResult, StreamEnd, Timings, TokenEvent, Usage
-from common.schemas import GenerationRequest, check_limits
+from common.results import FinishReason, GenerationResult, StreamEnd, TokenEvent
+from common.schemas import GenerationRequest
 from common.settings import Settings
-from common.token_log import attempt_made_progress, log_is_whole, logged_count, queue_messages, resume_point
-from gpu_worker.serve.jobs import engine_priority, prompt_token_ids
-from gpu_worker.serve.batch_worker import BatchWorker, Claimed, ClaimRefused, ForbiddenJobFunction, Started
+from common.token_log import attempt_made_progress, log_is_whole, logged_count, queue_messages
+from gpu_worker.serve.admission import (
+    Fail, FinishWithoutEngine, Generate, LogState, Resume, decide, read_log_states,
+)
+from gpu_worker.serve.batch_worker import BatchWorker, Claimed, ClaimRefused, Started
 from gpu_worker.serve.engine_loop import Abort, Admit, EngineLoop, StepReport
+from gpu_worker.serve.jobs import engine_job_result, engine_priority, prompt_token_ids
 from gpu_worker.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,14 @@ BATCH_RESERVE_FRACTION = 0.25  # of max_in_flight, kept free of batch jobs for i
 
 class Fenced(TpqError):
     """The supervisor fenced this incarnation: it must stop taking and finishing work."""
+
+
+class ShutdownMode(str, Enum):
+    """What a stopping job pump does with the jobs it has started."""
+
+    REQUEUE = "requeue"  # a clean stop: back to the front of their queues, no retry used
+    RETRY = "retry"  # the group failed: requeued free if the attempt made progress, else through rq's Retry
+    ABANDON = "abandon"  # fenced: the supervisor has requeued them already
 
 
 @dataclass
@@ -82,7 +95,7 @@ class JobPump(threading.Thread):
         self._written: queue.SimpleQueue[StepReport] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop_event = threading.Event()
-        self._shutdown_mode = "requeue"
+        self._shutdown_mode = ShutdownMode.REQUEUE
         self._shard_queues: list[str] = []
         self._epoch = -1
         self._next_control = self._next_keepalive = 0.0
@@ -99,11 +112,9 @@ class JobPump(threading.Thread):
             self._written.put(report)
             self._wake.set()
 
-    def stop(self, mode: str = "requeue") -> None:
-        """Stop the thread. ``mode``: ``requeue`` started jobs without using a retry (a clean stop),
-        ``retry`` them through rq's Retry (the group failed), or ``abandon`` them (fenced: the
-        supervisor has requeued them already)."""
-        self._shutdown_mode = mode
+    def stop(self, mode: ShutdownMode = ShutdownMode.REQUEUE) -> None:
+        """Stop the thread, giving its started jobs back as ``mode`` says (see :class:`ShutdownMode`)."""
+        self._shutdown_mode = ShutdownMode(mode)
         self._stop_event.set()
         self._wake.set()
         self.join(timeout=60)
@@ -112,7 +123,7 @@ class JobPump(threading.Thread):
     def run(self) -> None:
         try:
             self.worker.register()
-            returned = self.worker.return_claimed()
+            returned = return_claimed(self.conn, self.group)
             if returned:
                 log.info("put %d job(s) an earlier run of group %s had claimed back on their queues",
                          returned, self.group)
@@ -168,32 +179,21 @@ class JobPump(threading.Thread):
                 job = self.running.pop(job_id, None)
                 if job is not None:
                     self._fail(job.started.job, job.started.queue, f"the engine refused the request: {why}",
-                               retry=retryable and _has_retries(job.started.job), num_tokens=job.resumed_tokens)
+                               retry=retryable and bool(job.started.job.retries_left), num_tokens=job.resumed_tokens)
 
     def _succeed(self, result: GenerationResult) -> None:
         job = self.running.pop(result.request_id, None)
         if job is None:
             return
-        if not log_is_whole(self.conn, result.request_id, len(result.token_ids)):
-            # Redis crashed after the publisher wrote the job's last messages and came back without them:
-            # completing now would leave a finished job whose log ends short for good. Run it again from
-            # what the log kept (free: it made progress); it writes the rest again and completes then.
-            self.worker.requeue(result.request_id)
-            self._log_lost(job)
-            return
-        offset = job.queued_before_s
-        job_result = JobResult(
-            **result.model_dump(exclude={"timings"}),
-            timings=Timings(queue_s=offset + result.timings.queue_s,
-                            time_to_first_token_s=offset + result.timings.time_to_first_token_s,
-                            total_s=offset + result.timings.total_s),
-            group=self.group, attempt=job.started.attempt,
-        )
-        self.worker.succeed(result.request_id, job_result.model_dump(mode="json"))
-        if not log_is_whole(self.conn, result.request_id, len(result.token_ids)):
-            # The same crash, between the check above and the completion (which redis-py retried onto the
-            # Redis that came back): the job is finished over a short log. Run it again all the same.
-            self.worker.requeue_finished(job.started.job, job.started.queue)
+        job_result = engine_job_result(result, job.queued_before_s, self.group, job.started.attempt)
+        job_id, num_tokens = result.request_id, len(result.token_ids)
+        if not self.worker.succeed(job_id, job_result.model_dump(mode="json"), watch=[keys.token_log(job_id)],
+                                   provided=lambda: log_is_whole(self.conn, job_id, num_tokens)):
+            # Redis crashed after the publisher wrote the job's last messages and came back without them
+            # (before the check, or between it and the completion, which redis-py retried onto the Redis that
+            # came back): completing would leave a finished job whose log ends short for good. Run it again
+            # from what the log kept (free: it made progress); it writes the rest again and completes then.
+            self.worker.requeue(job_id)
             self._log_lost(job)
             return
         self.finished_jobs += 1
@@ -229,21 +229,21 @@ class JobPump(threading.Thread):
         mode = self._shutdown_mode
         for job_id in list(self.worker.started):
             started = self.worker.started[job_id]
-            if mode == "requeue":
+            if mode is ShutdownMode.REQUEUE:
                 self.worker.requeue(job_id)
                 self.metrics.jobs_retried("shutdown")
-            elif mode == "retry" and attempt_made_progress(self.conn, job_id):
+            elif mode is ShutdownMode.RETRY and attempt_made_progress(self.conn, job_id):
                 self.worker.requeue(job_id)  # not the job's fault, as far as anyone can tell: no retry used
                 self.metrics.jobs_retried("group_failed")
-            elif mode == "retry":
+            elif mode is ShutdownMode.RETRY:
                 self.worker.fail(started.job, started.queue, "its worker group failed; retrying", retry=True)
                 self.metrics.jobs_retried("group_failed")
-            if mode in ("requeue", "retry"):
+            if mode is not ShutdownMode.ABANDON:
                 job_event(log, "requeued", job_id, queue=started.queue.name, group=self.group,
-                          reason="shutdown" if mode == "requeue" else "group_failed")
+                          reason="shutdown" if mode is ShutdownMode.REQUEUE else "group_failed")
             self.running.pop(job_id, None)
         if self.worker.started:
-            log.info("%s %d running job(s) of group %s", mode, len(self.worker.started), self.group)
+            log.info("%s %d running job(s) of group %s", mode.value, len(self.worker.started), self.group)
 
     # -- control ---------------------------------------------------------------
     def _abort_cancelled_and_late(self) -> None:
@@ -261,7 +261,7 @@ class JobPump(threading.Thread):
 
     def _keep_alive(self) -> None:
         if is_fenced(self.conn, self.group, self.incarnation):
-            self._shutdown_mode = "abandon"
+            self._shutdown_mode = ShutdownMode.ABANDON
             self.worker.started.clear()
             raise Fenced(f"group {self.group} incarnation {self.incarnation} was fenced by the supervisor; stopping")
         self.worker.keep_alive()
@@ -292,15 +292,18 @@ class JobPump(threading.Thread):
         try:
             claimed = self.worker.claim(queues, min(room, CLAIM_BATCH))
         except ClaimRefused as exc:
-            self._shutdown_mode = "abandon"
+            self._shutdown_mode = ShutdownMode.ABANDON
             self.worker.started.clear()
             raise Fenced(str(exc)) from None
+        states = read_log_states(self.conn, [item.job_id for item in claimed
+                                             if item.job is not None and item.job_id not in self.running])
         for item in claimed:
             job_event(log, "claimed", item.job_id, queue=item.queue.name, group=self.group)
-            self._admit(item)
+            self._admit(item, states)
         return bool(claimed)
 
-    def _admit(self, item: Claimed) -> None:
+    def _admit(self, item: Claimed, states: dict[str, LogState]) -> None:
+        """Carry out :func:`decide`'s verdict on ``item`` (``states``: the log states read for this batch)."""
         if item.job_id in self.running:
             # A job this group still runs came back through a queue (rq's cleanup requeued it after its started
             # entry expired while the group was slow, or a crashed Redis lost it and its client submitted it
@@ -318,37 +321,22 @@ class JobPump(threading.Thread):
             self._fail_unreadable(item)
             return
         job = item.job
-        try:
-            job.allowed_func_name()
-            if job.args:
-                raise InvalidRequestError(f"a tpqueue job takes no positional arguments (got {len(job.args)}); "
-                                          "its only argument is the keyword argument 'request'")
-            request = check_limits(request_from_job_kwargs(job.kwargs), self.settings)
-            if request.request_id != job.id:
-                raise InvalidRequestError(f"the request id {request.request_id!r} differs from the job id {job.id!r}")
-        except (ForbiddenJobFunction, TpqError, ValueError) as exc:
-            self._fail(job, item.queue, f"{type(exc).__name__}: {exc}", retry=False)
+        state = states.pop(job.id, None)
+        if state is None:  # a second copy of an id in this batch, whose first copy did not start running
+            state = read_log_states(self.conn, [job.id])[job.id]
+        verdict = decide(job, state, time.time(), self.settings)
+        if isinstance(verdict, Fail) and not verdict.end_written:  # an invalid job: failed as claimed
+            self._fail(job, item.queue, verdict.message, retry=False)
             return
-        except Exception as exc:  # noqa: BLE001 - undecodable data, a hostile payload: fail, never crash
-            self._fail(job, item.queue, f"the job's data cannot be read: {type(exc).__name__}: {exc}", retry=False)
-            return
-        queued_before_s = max(0.0, time.time() - job.enqueued_at.timestamp()) if job.enqueued_at else 0.0
-        tokens, end = resume_point(self.conn, job.id)
-        started = self.worker.start(job, item.queue, logged=len(tokens))
+        started = self.worker.start(job, item.queue, logged=len(state.tokens))
         self.metrics.job_started()
         job_event(log, "started", job.id, queue=item.queue.name, group=self.group, attempt=started.attempt)
-        if self.conn.exists(keys.cancel_flag(job.id)):
-            self._finish_without_engine(started, request, tokens, FinishReason.CANCELLED)
-        elif end is not None or (tokens and tokens[-1].finish_reason is not None):
-            reason = end.finish_reason if end is not None else tokens[-1].finish_reason
-            if end is not None and end.error is not None:
-                self._fail(job, item.queue, end.error, retry=False, end_written=True)
-            else:
-                self._finish_without_engine(started, request, tokens, reason, end_written=end is not None)
-        elif request.deadline_unix_s is not None and time.time() >= request.deadline_unix_s:
-            self._finish_without_engine(started, request, tokens, FinishReason.DEADLINE)
+        if isinstance(verdict, Fail):
+            self._fail(job, item.queue, verdict.message, retry=False, end_written=True)
+        elif isinstance(verdict, FinishWithoutEngine):
+            self._finish_without_engine(started, verdict)
         else:
-            self._start_generating(started, request, tokens, queued_before_s)
+            self._start_generating(started, verdict)
 
     def _fail_unreadable(self, item: Claimed) -> None:
         """A claimed job rq cannot read: FAILED if it has a hash (a corrupt field), else only dropped."""
@@ -362,9 +350,9 @@ class JobPump(threading.Thread):
         job_event(log, "failed", item.job_id, queue=item.queue.name, group=self.group, level=logging.WARNING,
                   error=message)
 
-    def _start_generating(self, started: Started, request: GenerationRequest, tokens: list[TokenEvent],
-                          queued_before_s: float) -> None:
-        job = started.job
+    def _start_generating(self, started: Started, verdict: Generate | Resume) -> None:
+        job, request = started.job, verdict.request
+        tokens = verdict.tokens if isinstance(verdict, Resume) else ()
         try:
             prompt = prompt_token_ids(self.tokenizer, request)
         except (TpqError, ValueError) as exc:  # a prompt this model cannot take: a retry would fail the same way
@@ -372,10 +360,10 @@ class JobPump(threading.Thread):
             return
         except Exception as exc:  # noqa: BLE001 - unexpected: fail this job (retried while it has retries), not the pump
             log.exception("job %s: preparing its prompt failed", job.id)
-            self._fail(job, started.queue, f"{type(exc).__name__}: {exc}", retry=_has_retries(job),
+            self._fail(job, started.queue, f"{type(exc).__name__}: {exc}", retry=bool(job.retries_left),
                        num_tokens=len(tokens))
             return
-        self.running[job.id] = RunningJob(started, request, time.time(), queued_before_s, len(tokens))
+        self.running[job.id] = RunningJob(started, request, time.time(), verdict.queued_before_s, len(tokens))
         self.loop.submit(Admit(job.id, prompt, request.sampling, engine_priority(request),
                                resume_token_ids=[t.token_id for t in tokens]))
         if tokens:
@@ -383,20 +371,13 @@ class JobPump(threading.Thread):
             job_event(log, "resumed", job.id, queue=started.queue.name, group=self.group, at_token=len(tokens),
                       attempt=started.attempt)
 
-    def _finish_without_engine(self, started: Started, request: GenerationRequest, tokens: list[TokenEvent],
-                               reason: FinishReason, end_written: bool = False) -> None:
+    def _finish_without_engine(self, started: Started, verdict: FinishWithoutEngine) -> None:
         """Complete a job the engine need not run: cancelled or late before it began, or already fully streamed."""
-        job = started.job
-        if not end_written:
+        job, tokens, reason = started.job, verdict.tokens, verdict.reason
+        if not verdict.end_written:
             self._write_messages([StreamEnd(request_id=job.id, num_tokens=len(tokens), finish_reason=reason)])
-        prompt_tokens = len(prompt_token_ids(self.tokenizer, request)) if tokens else 0
-        result = JobResult(
-            request_id=job.id, text="".join(t.text for t in tokens), token_ids=[t.token_id for t in tokens],
-            finish_reason=reason,
-            usage=Usage(prompt_tokens=prompt_tokens, cached_tokens=0, generated_tokens=len(tokens)),
-            timings=Timings(queue_s=0.0, time_to_first_token_s=0.0, total_s=0.0),
-            group=self.group, attempt=started.attempt,
-        )
+        prompt_tokens = len(prompt_token_ids(self.tokenizer, verdict.request)) if tokens else 0
+        result = verdict.job_result(job.id, prompt_tokens, self.group, started.attempt)
         self.worker.succeed(job.id, result.model_dump(mode="json"))
         self.finished_jobs += 1
         self.metrics.job_finished(reason.value)
@@ -419,8 +400,3 @@ def _short(message: str) -> str:
 def _finish_event(reason: FinishReason) -> str:
     """The lifecycle event a job's end is logged as."""
     return {FinishReason.CANCELLED: "cancelled", FinishReason.DEADLINE: "expired"}.get(reason, "finished")
-
-
-def _has_retries(job) -> bool:
-    """Whether rq's Retry would requeue ``job`` after a failure now."""
-    return bool(job.retries_left)

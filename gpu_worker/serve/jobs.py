@@ -1,9 +1,11 @@
-"""The job function on tpqueue's allow-list, and how a worker turns a job's request into prompt tokens."""
+"""The job function on tpqueue's allow-list, and how a worker turns a job's request into prompt tokens
+and the engine's result into the job's."""
 from __future__ import annotations
 
 from typing import Any
 
 from common.errors import InvalidRequestError, TpqError
+from common.results import GenerationResult, JobResult, Timings
 from common.schemas import GenerationRequest
 from gpu_worker.engine.sequence import Priority
 from gpu_worker.models.tokenizer import Tokenizer
@@ -42,3 +44,14 @@ def prompt_token_ids(tokenizer: Tokenizer, request: GenerationRequest) -> list[i
 def engine_priority(request: GenerationRequest) -> Priority:
     """The scheduler priority of a request: interactive sessions before offline batch jobs."""
     return Priority.INTERACTIVE if request.priority == "interactive" else Priority.BATCH
+
+
+def engine_job_result(result: GenerationResult, queued_before_s: float, group: str, attempt: int) -> JobResult:
+    """The result rq stores for a job the engine ran: the engine's, its timings counted from the enqueue."""
+    return JobResult(
+        **result.model_dump(exclude={"timings"}),
+        timings=Timings(queue_s=queued_before_s + result.timings.queue_s,
+                        time_to_first_token_s=queued_before_s + result.timings.time_to_first_token_s,
+                        total_s=queued_before_s + result.timings.total_s),
+        group=group, attempt=attempt,
+    )

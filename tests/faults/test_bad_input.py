@@ -572,7 +572,7 @@ def _is_tpq_id(job_id: str) -> bool:
 def test_raw_payloads_fail_cleanly_and_good_jobs_are_admitted(
     redis_url: str, pump: Any, webhook_trap: WebhookTrap, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gpu_worker.serve import batch_worker as rq_adapter
+    from common.pickle_guard import pickle_disabled
 
     conn = redis.Redis.from_url(redis_url)
     caplog.set_level(logging.ERROR)
@@ -593,7 +593,7 @@ def test_raw_payloads_fail_cleanly_and_good_jobs_are_admitted(
             check_outcome(conn, pump, payload)
             kinds[payload.kind] += 1
 
-    with rq_adapter.pickle_disabled():
+    with pickle_disabled():
         run()
     assert not any("refused pickle" in r.getMessage() for r in caplog.records), "something tried to unpickle"
     assert PLANTED_MODULE not in sys.modules

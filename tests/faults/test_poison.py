@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 
 from common.results import FinishReason, GenerationResult, StreamEnd, Timings, TokenEvent, Usage
 from common.settings import get_settings
-from common.token_log import queue_messages, read_log
+from common.token_log import log_is_whole, queue_messages, read_log
 from gpu_worker.serve.engine_loop import StepReport
 from producer import Client
 from tests.doubles import StubEngineLoop
@@ -158,26 +158,32 @@ def test_a_job_whose_log_lost_its_end_runs_again_instead_of_completing(pump, red
 
 def test_a_completion_that_lands_after_the_crash_took_the_logs_end_runs_the_job_again(pump, redis_url, monkeypatch):
     """The crash falls between the pump's check of the log and its completion, which redis-py retries onto the
-    Redis that came back without the log's end: the job is finished over a short log, and must run again."""
+    Redis that came back without the log's end: the completion must not land over the short log, and the job
+    must run again."""
+    from gpu_worker.serve import job_pump
+
     with Client(redis_url) as client:
         client.submit("a", request_id="late")
     pump._claim_and_admit()
     conn = redis.Redis.from_url(redis_url)
     retries = Job.fetch("late", connection=conn, serializer=JSONSerializer).retries_left
     log_messages(conn, "late", 4, end=True)
-    succeed = pump.worker.succeed
+    checks: list[bool] = []
 
-    def succeed_after_the_crash(job_id: str, result: Any) -> None:
-        conn.xdel("tpq:log:late", "0-4", "0-5")  # what the crash took: the last token and the end
-        succeed(job_id, result)
+    def check_then_crash(conn_: Any, job_id: str, num_tokens: int) -> bool:
+        whole = log_is_whole(conn_, job_id, num_tokens)
+        checks.append(whole)
+        conn.xdel("tpq:log:late", "0-4", "0-5")  # what the crash took, right after the check: the last token, the end
+        return whole
 
-    monkeypatch.setattr(pump.worker, "succeed", succeed_after_the_crash)
+    monkeypatch.setattr(job_pump, "log_is_whole", check_then_crash)
     pump.on_written(StepReport(finished=[finished("late", 4)]))
     pump._finish_written()
+    assert checks == [True, False]  # the log was whole when checked; the completion saw the loss and checked again
     late = Job.fetch("late", connection=conn, serializer=JSONSerializer)
     assert late.get_status() == JobStatus.QUEUED and late.retries_left == retries
     assert conn.lrange("rq:queue:batch", 0, -1) == [b"late"] and conn.ttl("rq:job:late") == -1
     assert "late" not in FinishedJobRegistry("batch", connection=conn).get_job_ids()
-    assert late.latest_result().return_value["token_ids"] == [0, 1, 2, 3]  # the result its client may hold stays
+    assert late.latest_result() is None  # no client ever read a finished job over the short log
     pump._claim_and_admit()
     assert pump.loop.admitted == ["late", "late"] and "late" in pump.running

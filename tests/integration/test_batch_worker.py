@@ -8,7 +8,8 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from common import keys
+from common import claims, keys
+from common.claims import return_claimed
 from common.jobs import GENERATE_FUNC
 from gpu_worker.serve.batch_worker import BatchWorker, ClaimRefused
 
@@ -118,9 +119,50 @@ def test_a_restarted_group_returns_what_its_predecessor_claimed(conn):
         enqueue(conn, f"c{i}")
     worker(conn, "old").claim([QUEUE], 2)  # then the process died before starting them
     assert queued(conn) == ["c2"]
-    assert worker(conn, "new").return_claimed() == 2
+    assert return_claimed(conn, "g0") == 2
     assert queued(conn) == ["c0", "c1", "c2"]
     assert conn.llen(keys.claimed_jobs("g0")) == 0
+
+
+def test_returning_claims_drops_ids_with_no_job_and_ids_that_are_no_job_id(conn):
+    enqueue(conn, "kept")
+    enqueue(conn, "gone")
+    worker(conn, "old").claim([QUEUE], 2)
+    conn.delete(keys.rq_job_key("gone"))
+    conn.rpush(keys.claimed_jobs("g0"), b"\xff not an id", "no:colons")
+    assert return_claimed(conn, "g0") == 1
+    assert queued(conn) == ["kept"] and conn.llen(keys.claimed_jobs("g0")) == 0
+
+
+def test_the_supervisor_returns_claims_only_while_the_incarnation_is_the_fenced_one(conn):
+    from common.groups import fence
+
+    enqueue(conn, "x")
+    worker(conn, "old").claim([QUEUE], 1)
+    assert return_claimed(conn, "g0", fenced_incarnation="old") == 0  # not fenced: its group may start it
+    assert conn.lrange(keys.claimed_jobs("g0"), 0, -1) == [b"x"] and queued(conn) == []
+    fence(conn, "g0", "old")
+    assert return_claimed(conn, "g0", fenced_incarnation="old") == 1
+    assert queued(conn) == ["x"] and conn.llen(keys.claimed_jobs("g0")) == 0
+
+
+def test_an_id_started_while_its_claim_is_being_returned_is_not_pushed_back(conn, monkeypatch):
+    """The ids and their queues are read before the script runs; the script returns only ids still claimed."""
+    for job_id in ("a", "b"):
+        enqueue(conn, job_id)
+    w = worker(conn)
+    a, _b = w.claim([QUEUE], 2)
+    read_origins = claims.job_origins
+
+    def origins_then_a_starts(*args):
+        origins = read_origins(*args)
+        w.start(a.job, a.queue)  # between the reads and the script
+        return origins
+
+    monkeypatch.setattr(claims, "job_origins", origins_then_a_starts)
+    assert return_claimed(conn, "g0") == 1
+    assert queued(conn) == ["b"]  # a is started, not queued as well
+    assert StartedJobRegistry(QUEUE, connection=conn).get_job_ids() == ["a"]
 
 
 def test_a_fenced_or_replaced_incarnation_takes_no_job(conn):
@@ -144,3 +186,57 @@ def test_a_fenced_or_replaced_incarnation_takes_no_job(conn):
         w.claim([QUEUE], 4)
     assert queued(conn) == ["f1"]
     assert [c.job_id for c in worker(conn, "inc2").claim([QUEUE], 4)] == ["f1"]
+
+
+def started_job(conn, job_id: str):
+    enqueue(conn, job_id)
+    w = worker(conn)
+    [item] = w.claim([QUEUE], 1)
+    w.start(item.job, item.queue)
+    return w
+
+
+def assert_still_started_here(conn, w: BatchWorker, job_id: str) -> None:
+    job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.STARTED and job.latest_result() is None
+    assert FinishedJobRegistry(QUEUE, connection=conn).get_job_ids() == []
+    assert StartedJobRegistry(QUEUE, connection=conn).get_job_ids() == [job_id] and job_id in w.started
+
+
+def test_a_completion_whose_condition_fails_writes_nothing(conn):
+    """A short token log at completion time: the job is not finished (the pump requeues it instead)."""
+    w = started_job(conn, "short")
+    assert w.succeed("short", {"answer": 1}, watch=[keys.token_log("short")], provided=lambda: False) is False
+    assert_still_started_here(conn, w, "short")
+    w.requeue("short")  # what the pump does next: the job hash holds no result or end time
+    job = Job.fetch("short", connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.QUEUED and job.ended_at is None and queued(conn) == ["short"]
+
+
+def test_a_watched_key_that_changes_after_the_check_makes_the_completion_check_again(conn, redis_url):
+    """The log loses its end between the check and the completion (a crash, seen from a second connection)."""
+    w = started_job(conn, "cut")
+    log_key = keys.token_log("cut")
+    conn.xadd(log_key, {"m": "end"}, id="0-1")
+    other = redis.Redis.from_url(redis_url)
+    checks: list[bool] = []
+
+    def whole_then_lost() -> bool:
+        whole = other.xlen(log_key) == 1
+        checks.append(whole)
+        if whole:
+            other.xdel(log_key, "0-1")  # inside the WATCH window, from another connection
+        return whole
+
+    assert w.succeed("cut", {"answer": 1}, watch=[log_key], provided=whole_then_lost) is False
+    assert checks == [True, False]  # the first check passed; the transaction saw the change and checked again
+    assert_still_started_here(conn, w, "cut")
+    other.close()
+
+
+def test_a_completion_whose_condition_holds_finishes_the_job(conn):
+    w = started_job(conn, "fine")
+    assert w.succeed("fine", {"answer": 2}, watch=[keys.token_log("fine")], provided=lambda: True) is True
+    job = Job.fetch("fine", connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.FINISHED and job.latest_result().return_value == {"answer": 2}
+    assert "fine" not in w.started

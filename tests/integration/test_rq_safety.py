@@ -21,12 +21,14 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.webhook import Webhook
 
-from gpu_worker.serve import batch_worker as rq_adapter
-from gpu_worker.serve.batch_worker import AllowListedJob, ForbiddenJobFunction, UnpicklingDisabled
+from common import pickle_guard
+from common.pickle_guard import UnpicklingDisabled
+from gpu_worker.serve import allow_list
+from gpu_worker.serve.allow_list import AllowListedJob, ForbiddenJobFunction
 
 ECHO = "tests.integration.test_rq_safety.echo"
 QUEUE = "safety"
-REFUSED = "refused pickle"  # what rq_adapter logs on every unpickling attempt it blocks
+REFUSED = "refused pickle"  # what common.pickle_guard logs on every unpickling attempt it blocks
 
 echo_calls: list[str] = []
 pwned_calls: list[str] = []
@@ -65,13 +67,13 @@ def guarded(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -
     the test extends the allow-list with the harmless ``echo`` above to show
     the worker still runs allowed jobs.
     """
-    monkeypatch.setattr(rq_adapter, "ALLOWED_FUNCS", rq_adapter.ALLOWED_FUNCS | {ECHO})
+    monkeypatch.setattr(allow_list, "ALLOWED_FUNCS", allow_list.ALLOWED_FUNCS | {ECHO})
     echo_calls.clear()
     pwned_calls.clear()
-    caplog.set_level(logging.INFO, logger="gpu_worker.serve.batch_worker")
-    with rq_adapter.pickle_disabled():
+    caplog.set_level(logging.INFO, logger="gpu_worker.serve.allow_list")
+    with pickle_guard.pickle_disabled():
         yield
-    assert not rq_adapter.is_pickle_disabled()
+    assert not pickle_guard.is_pickle_disabled()
     assert pwned_calls == []
 
 
@@ -231,10 +233,10 @@ def test_unpickling_is_disabled_and_restorable() -> None:
     payload = pickle.dumps(_Pwn())
     with pytest.raises(UnpicklingDisabled, match="unpickling is disabled"):
         pickle.loads(payload)
-    rq_adapter.disable_pickle()  # idempotent
-    rq_adapter.enable_pickle_for_tests()
+    pickle_guard.disable_pickle()  # idempotent
+    pickle_guard.enable_pickle_for_tests()
     assert pickle.loads(pickle.dumps([1, 2])) == [1, 2]
-    rq_adapter.disable_pickle()
+    pickle_guard.disable_pickle()
     with pytest.raises(pickle.UnpicklingError):
         pickle.Unpickler(None)
 

@@ -24,6 +24,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp
 
 from common import keys
+from common.claims import return_claimed
 from common.groups import (GroupInfo, fence, is_fenced, make_heartbeat, new_incarnation, read_shard_map,
                            register_group, unregister_group, write_heartbeat)
 from common.heartbeat import HeartbeatSpec, HeartbeatThread
@@ -242,7 +243,7 @@ def test_a_dead_groups_claimed_but_unstarted_jobs_go_back_to_their_queue(conn: r
     assert conn.llen(keys.claimed_jobs("g1")) == 0
     register(conn, "g1")  # a restarted g1 clears the fence: the supervisor leaves its new claims alone
     conn.lmove(keys.rq_queue_key(queue_name), keys.claimed_jobs("g1"), "LEFT", "RIGHT")
-    assert rq_maintenance.return_claimed_jobs(conn, "g1", g1.incarnation) == 0
+    assert return_claimed(conn, "g1", fenced_incarnation=g1.incarnation) == 0
     assert conn.llen(keys.claimed_jobs("g1")) == 1
 
 
