@@ -54,6 +54,7 @@ from gpu_worker.serve.job_pump import MAX_ERROR_CHARS
 from producer import Client
 from producer.stream import JobState, ResultWatch
 from tests.doubles import StubEngineLoop
+from tests.pipeline_checks import wait_until
 
 LIMITS = {"max_prompt_chars": 2000, "max_tokens_limit": 512, "max_batch_size": 8}
 MAX_MESSAGE_CHARS = 600  # a refusal is one short message: it never echoes a prompt back
@@ -618,13 +619,6 @@ def draw_sample(strategy: st.SearchStrategy[Any]) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonInteractiveExampleWarning)
         return strategy.example()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.mark.slow

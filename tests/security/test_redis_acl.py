@@ -35,7 +35,7 @@ from common.groups import read_heartbeats
 from common.redis_conn import connect
 from common.results import FinishReason, JobResult
 from producer import AsyncClient, Client, Session
-from tests.pipeline_checks import assert_streams_match_results, collect
+from tests.pipeline_checks import assert_streams_match_results, collect, wait_until
 from tests.redis_server import RedisServer
 
 ACL_USER = "tpqueue"
@@ -148,13 +148,6 @@ def run_workload(run: AclRun, env: dict[str, str], tmp: Path) -> None:
         outcomes = collect(handles)
     assert_streams_match_results(outcomes)
     run.checks["resumed attempts"] = sorted(result.attempt for _, result in outcomes.values())
-
-
-def wait_until(condition, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
