@@ -1,7 +1,6 @@
 """Scraping a /metrics endpoint in tests, and summing its samples by name and labels."""
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections import defaultdict
 
@@ -28,11 +27,6 @@ class Scrape:
 
 
 def scrape(port: int, host: str = "127.0.0.1") -> Scrape:
+    """One scrape of ``http://host:port/metrics``."""
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
         return Scrape(response.read().decode())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -21,7 +21,8 @@ from common.metrics import metric_types
 from producer import Client
 from producer.cli import health as health_cli
 from producer.cli import status as status_cli
-from tests.metrics_scrape import Scrape, free_port, scrape
+from producer.local_stack.embedded_redis import free_port
+from tests.metrics_scrape import Scrape, scrape
 
 RESULT_TIMEOUT_S = 240
 MAX_TOKENS = 6

@@ -18,7 +18,8 @@ from common.settings import get_settings
 from producer import Client
 from router.metrics import serve_supervisor_metrics
 from router.supervisor import Supervisor
-from tests.metrics_scrape import Scrape, free_port, scrape
+from producer.local_stack.embedded_redis import free_port
+from tests.metrics_scrape import Scrape, scrape
 
 
 @pytest.fixture
