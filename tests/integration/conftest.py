@@ -8,7 +8,7 @@ import redis
 
 from common.settings import get_settings
 from producer import Client
-from tests.protocol_worker import ProtocolWorker
+from tests.doubles import ProtocolWorker
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def raw(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def worker(redis_url: str) -> Iterator[ProtocolWorker]:
-    """Plays a worker group through the wire protocol alone (no model): see tests/protocol_worker.py."""
+    """Plays a worker group through the wire protocol alone (no model): see tests/doubles.py."""
     w = ProtocolWorker(redis_url)
     yield w
     w.close()

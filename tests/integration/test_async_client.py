@@ -1,6 +1,6 @@
 """producer.AsyncClient against a real redis-server: the synchronous client's basics, on asyncio.
 
-Each test runs one coroutine with asyncio.run; tests/protocol_worker.py plays
+Each test runs one coroutine with asyncio.run; tests/doubles.py's ProtocolWorker plays
 the worker (synchronously, from the test or a thread).
 """
 from __future__ import annotations

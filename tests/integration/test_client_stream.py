@@ -1,6 +1,6 @@
 """producer's consuming side against a real redis-server: stream(), result(), status(), cancel(), batches.
 
-tests/protocol_worker.py plays the worker (rq dequeue, token log + pub/sub
+tests/doubles.py's ProtocolWorker plays the worker (rq dequeue, token log + pub/sub
 through common.token_log, rq success/failure), so these tests pin the wire
 protocol, not a particular worker.
 """

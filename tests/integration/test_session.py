@@ -1,4 +1,4 @@
-"""producer.Session against a real redis-server, with tests/protocol_worker.py as the worker."""
+"""producer.Session against a real redis-server, with tests/doubles.py's ProtocolWorker as the worker."""
 from __future__ import annotations
 
 import pytest
