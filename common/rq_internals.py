@@ -9,8 +9,12 @@ against rq itself, so an rq upgrade fails there first.
 """
 from __future__ import annotations
 
+import base64
+import json
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -199,3 +203,34 @@ def queue_unreadable_failure(pipe: Any, conn: redis.Redis, job_id: str, queue_na
 
 
 # ------------------------------------------------------------------ result encoding (read by the client)
+
+RESULT_DECODE_ERRORS = (ValueError, TypeError, zlib.error)
+"""What :func:`read_result_entry` raises for an entry it cannot decode (ValueError: bad base64, JSON or UTF-8)."""
+
+_SUCCESSFUL_TYPE = str(Result.Type.SUCCESSFUL.value).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ResultEntry:
+    """One entry of rq's result stream ``rq:results:<job_id>``, decoded: its type, return value and error text."""
+
+    type: Result.Type
+    return_value: Any = None
+    exc_string: str | None = None
+
+
+def read_result_entry(job_id: str, entry_id: bytes | str, fields: dict[Any, Any]) -> ResultEntry:
+    """Decode one entry of ``job_id``'s rq result stream, written with rq's JSON serializer; nothing is unpickled.
+
+    A SUCCESSFUL entry's return value is base64 of the serializer's bytes
+    (rq ``Result.serialize``); it is decoded here directly, which skips
+    ``Result.restore``'s per-entry serializer lookup (that made a 5,000-job
+    batch read about twice as slow). Other entry types go through
+    ``Result.restore``. Raises one of :data:`RESULT_DECODE_ERRORS` for an
+    entry that cannot be decoded (not JSON: a pickle?).
+    """
+    if fields.get(b"type") == _SUCCESSFUL_TYPE and b"return_value" in fields:  # rq layout
+        return ResultEntry(Result.Type.SUCCESSFUL, json.loads(base64.b64decode(fields[b"return_value"])))
+    result = Result.restore(job_id, as_text(entry_id), fields, connection=None,  # type: ignore[arg-type]
+                            serializer=JSONSerializer)
+    return ResultEntry(result.type, result.return_value, result.exc_string)

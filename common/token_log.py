@@ -30,6 +30,8 @@ from common.jobs import (
 )
 from common.results import StreamEnd, TokenEvent
 
+_LOG_FIELD_B = LOG_FIELD.encode()
+
 
 def position_of(message: StreamMessage) -> int:
     """The stream position of a message: a token's index, or the end record's token count."""
@@ -133,11 +135,19 @@ def append_messages(conn: redis.Redis, runs: list[list[StreamMessage]], maxlen: 
             if isinstance(reply, int) and reply >= 0}
 
 
+def decode_log(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> list[StreamMessage]:
+    """The messages of a token log's entries (an XRANGE or XREVRANGE reply), in the entries' order.
+
+    The one decoder of the log: its readers (:func:`read_log`, the client's
+    token-stream reader) all go through it.
+    """
+    return [decode_stream_message(fields[_LOG_FIELD_B] if _LOG_FIELD_B in fields else fields[LOG_FIELD])
+            for _entry_id, fields in entries]
+
+
 def read_log(conn: redis.Redis, job_id: str, start: int = 0, count: int | None = None) -> list[StreamMessage]:
     """The messages of ``job_id``'s log from position ``start`` on, in order (at most ``count``)."""
-    entries = conn.xrange(keys.token_log(job_id), min=log_entry_id(start), max="+", count=count)
-    return [decode_stream_message(fields[LOG_FIELD.encode()] if LOG_FIELD.encode() in fields else fields[LOG_FIELD])
-            for _entry_id, fields in entries]
+    return decode_log(conn.xrange(keys.token_log(job_id), min=log_entry_id(start), max="+", count=count))
 
 
 def resume_point(conn: redis.Redis, job_id: str) -> tuple[list[TokenEvent], StreamEnd | None]:
@@ -214,8 +224,7 @@ def queue_resume_read(pipe: Any, job_id: str) -> None:
 
 def resume_point_from(entries: list[tuple[Any, dict[Any, Any]]]) -> tuple[list[TokenEvent], StreamEnd | None]:
     """:func:`resume_point` from the reply of the read :func:`queue_resume_read` queued (the log's entries)."""
-    messages = [decode_stream_message(fields[LOG_FIELD.encode()] if LOG_FIELD.encode() in fields else fields[LOG_FIELD])
-                for _entry_id, fields in entries]
+    messages = decode_log(entries)
     tokens: list[TokenEvent] = []
     end = None
     for message in messages:

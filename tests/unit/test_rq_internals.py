@@ -242,3 +242,50 @@ def test_failure_ttl_of_reads_the_jobs_field(fake_redis: redis.Redis) -> None:
 
 
 # ------------------------------------------------------------------ result encoding (read by the client)
+
+
+def saved_results(conn: redis.Redis, job_id: str, *results: tuple[Result.Type, dict[str, Any]]) -> list[Any]:
+    """Write results with rq's own writer (``Result.save``, JSON serializer); the result stream's entries."""
+    for type_, fields in results:
+        Result(job_id, type_, conn, serializer=JSONSerializer, **fields).save(ttl=60)
+    return conn.xrange(keys.rq_result_key(job_id))
+
+
+def test_read_result_entry_reads_every_type_as_rq_restores_it(fake_redis: redis.Redis) -> None:
+    """The fast path for SUCCESSFUL entries (base64 of the serializer's bytes) pins this against rq's writer:
+    it is taken (no ``Result.restore``), and every entry reads back as rq's own ``Result.restore`` reads it."""
+    value = {"request_id": "r1", "text": "hi", "token_ids": [1, 2], "usage": {"cached": None}}
+    entries = saved_results(
+        fake_redis, "r1",
+        (Result.Type.SUCCESSFUL, {"return_value": value}),
+        (Result.Type.FAILED, {"exc_string": "Traceback\n  ...\nValueError: no"}),
+        (Result.Type.STOPPED, {}),
+        (Result.Type.RETRIED, {"return_value": {"max": 1}}),
+        (Result.Type.MAX_RETRIES_EXCEEDED, {}),
+    )
+    read = [rq_internals.read_result_entry("r1", entry_id, fields) for entry_id, fields in entries]
+    restored = [Result.restore("r1", entry_id.decode(), fields, connection=fake_redis, serializer=JSONSerializer)
+                for entry_id, fields in entries]
+    assert [(e.type, e.return_value, e.exc_string) for e in read] == [
+        (r.type, r.return_value, r.exc_string) for r in restored]
+    assert read[0] == rq_internals.ResultEntry(Result.Type.SUCCESSFUL, value)
+
+    def no_restore(*args: Any, **kwargs: Any) -> Result:
+        raise AssertionError("the SUCCESSFUL fast path fell back to Result.restore: rq's result format changed")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Result, "restore", no_restore)
+        assert rq_internals.read_result_entry("r1", *entries[0]).return_value == value
+
+
+def test_read_result_entry_unpickles_nothing(fake_redis: redis.Redis) -> None:
+    """An entry written with rq's default serializer (pickle) raises a decode error instead of being unpickled."""
+    Result("p1", Result.Type.SUCCESSFUL, fake_redis, return_value={"x": 1}).save(ttl=60)
+    Result("p1", Result.Type.FAILED, fake_redis, exc_string="boom").save(ttl=60)
+    (ok_id, ok_fields), (failed_id, failed_fields) = fake_redis.xrange(keys.rq_result_key("p1"))
+    with pytest.raises(rq_internals.RESULT_DECODE_ERRORS):
+        rq_internals.read_result_entry("p1", ok_id, ok_fields)
+    assert rq_internals.read_result_entry("p1", failed_id, failed_fields).exc_string == "boom"
+    corrupt = {**failed_fields, b"exc_string": b"bm90IHpsaWI="}  # base64 of bytes that are not zlib
+    with pytest.raises(rq_internals.RESULT_DECODE_ERRORS):
+        rq_internals.read_result_entry("p1", failed_id, corrupt)
