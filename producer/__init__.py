@@ -2,10 +2,13 @@
 
 Never imports torch (nor the worker).
 """
-from producer.async_client import AsyncBatchHandle, AsyncClient, AsyncJobHandle
-from producer.client import BatchHandle, Client, JobHandle, Outcome
+from producer.async_client import AsyncClient
+from producer.batches import AsyncBatchHandle, BatchHandle
+from producer.client import Client
+from producer.handles import AsyncJobHandle, JobHandle
+from producer.job_state import JobState, Outcome
 from producer.session import Session
-from producer.stream import AsyncTokenStream, JobState, TokenStream
+from producer.stream import AsyncTokenStream, TokenStream
 
 __all__ = [
     "AsyncBatchHandle",

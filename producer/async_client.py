@@ -5,129 +5,27 @@ rq has no asyncio API, so everything that goes through rq (``submit``,
 worker thread with :func:`asyncio.to_thread`, on its own synchronous Redis
 connection. Everything that only reads (token streams, results, statuses,
 batch progress) runs on ``redis.asyncio``: pub/sub plus XRANGE for streams,
-XREAD BLOCK for results. The rules, errors and Redis commands are the same
-as the synchronous client's.
+XREAD BLOCK for results. The asyncio handles and streams run the same
+plans as the synchronous ones (:mod:`producer.redis_io`), so the rules,
+errors and Redis commands are the same.
 """
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis.asyncio
 
-from common import keys
 from common.redis_conn import async_connect
-from common.results import ChatMessage, JobResult
+from common.results import ChatMessage
 from common.schemas import GenerationRequest
 from common.settings import Settings
-from producer.client import BatchHandle, BatchWatch, Client, JobHandle, Outcome, _feed
-from producer.stream import IDLE_S, AsyncTokenStream, JobState, ResultWatch, check_timeout, job_state, result_timeout
-
-
-class AsyncJobHandle:
-    """A submitted job, for asyncio code: same fields as :class:`producer.JobHandle`, awaitable methods."""
-
-    __slots__ = ("_client", "_sync", "_stream")
-
-    def __init__(self, client: AsyncClient, sync_handle: JobHandle, stream: AsyncTokenStream | None = None) -> None:
-        self._client = client
-        self._sync = sync_handle
-        self._stream = stream
-
-    @property
-    def id(self) -> str:
-        """The rq job id (= the request id)."""
-        return self._sync.id
-
-    @property
-    def queue_name(self) -> str:
-        """The rq queue the job went to."""
-        return self._sync.queue_name
-
-    @property
-    def request(self) -> GenerationRequest:
-        """The validated request (the existing job's when ``created`` is False)."""
-        return self._sync.request
-
-    @property
-    def created(self) -> bool:
-        """False when the id already existed and nothing was enqueued."""
-        return self._sync.created
-
-    async def status(self) -> JobState:
-        """The job's :class:`JobState` now (see :meth:`producer.JobHandle.status`)."""
-        return job_state(await self._client.redis.hget(keys.rq_job_key(self.id), "status"))
-
-    def stream(self, timeout: float | None = None, *, start: int = 0) -> AsyncTokenStream:
-        """``async for event in handle.stream():`` every token event once, in order (see :meth:`producer.JobHandle.stream`)."""
-        opened, self._stream = self._stream, None
-        if opened is not None and start == 0:
-            opened.timeout = timeout
-            return opened
-        return self._client._open_stream(self.id, start=start, timeout=timeout)
-
-    async def result(self, timeout: float | None = None) -> JobResult:
-        """Wait for the :class:`JobResult` (see :meth:`producer.JobHandle.result` for the errors)."""
-        return await self._client._wait_result(self.id, timeout)
-
-    async def cancel(self) -> bool:
-        """Cancel the job (see :meth:`producer.JobHandle.cancel`); runs rq's ``Job.cancel`` in a thread."""
-        return await asyncio.to_thread(self._sync.cancel)
-
-    def __repr__(self) -> str:
-        return f"AsyncJobHandle(id={self.id!r}, queue={self.queue_name!r}, created={self.created})"
-
-
-class AsyncBatchHandle:
-    """The jobs of one :meth:`AsyncClient.submit_batch` call, in submission order."""
-
-    __slots__ = ("_client", "handles")
-
-    def __init__(self, client: AsyncClient, handles: Iterable[AsyncJobHandle]) -> None:
-        self._client = client
-        self.handles: tuple[AsyncJobHandle, ...] = tuple(handles)
-
-    @property
-    def ids(self) -> list[str]:
-        """The job ids, in submission order."""
-        return [h.id for h in self.handles]
-
-    async def results(self, timeout: float | None = None) -> AsyncIterator[tuple[AsyncJobHandle, Outcome]]:
-        """``async for handle, outcome in batch.results():`` in completion order (see :meth:`producer.BatchHandle.results`)."""
-        watch = BatchWatch(self.handles, timeout)
-        while watch.pending:
-            if watch.status_due():
-                settled = await self._client._batch_status_pass(watch)
-            elif watch.timed_out():
-                raise watch.timeout_error()
-            else:
-                settled = await self._client._batch_wait_pass(watch)
-            for pair in settled:
-                yield pair
-
-    async def wait(self, timeout: float | None = None) -> list[tuple[AsyncJobHandle, Outcome]]:
-        """Wait for every job; ``(handle, outcome)`` pairs in submission order."""
-        outcomes = {id(handle): outcome async for handle, outcome in self.results(timeout)}
-        return [(handle, outcomes[id(handle)]) for handle in self.handles]
-
-    async def progress(self) -> dict[JobState, int]:
-        """How many of the jobs are in each :class:`JobState` now (zeros included)."""
-        counts = dict.fromkeys(JobState, 0)
-        for raw in await self._client._raw_statuses(self.ids):
-            counts[job_state(raw)] += 1
-        return counts
-
-    def __len__(self) -> int:
-        return len(self.handles)
-
-    def __iter__(self) -> Iterator[AsyncJobHandle]:
-        return iter(self.handles)
-
-    def __repr__(self) -> str:
-        return f"AsyncBatchHandle({len(self.handles)} jobs)"
+from producer.batches import AsyncBatchHandle, BatchHandle
+from producer.client import Client
+from producer.handles import AsyncJobHandle
+from producer.stream import AsyncTokenStream
 
 
 class AsyncClient:
@@ -211,57 +109,3 @@ class AsyncClient:
         if self._stream_redis is None:
             self._stream_redis = async_connect(self.url, client_name="tpq-stream", retries=0)
         return AsyncTokenStream(self.redis, job_id, pubsub_conn=self._stream_redis, start=start, timeout=timeout)
-
-    async def _wait_result(self, job_id: str, timeout: float | None) -> JobResult:
-        timeout = check_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        watch = ResultWatch(job_id)
-        result_key, job_key = keys.rq_result_key(job_id), keys.rq_job_key(job_id)
-        while True:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hget(job_key, "status")
-                pipe.xread({result_key: watch.last_id})
-                raw_status, response = await pipe.execute()
-            _feed(watch, response)
-            state = job_state(raw_status)
-            verdict = watch.verdict(state)
-            if isinstance(verdict, JobResult):
-                return verdict
-            if verdict is not None:
-                raise verdict
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise result_timeout(job_id, state, timeout)  # type: ignore[arg-type]
-            wait_s = IDLE_S if left is None else min(IDLE_S, left)
-            _feed(watch, await self.redis.xread({result_key: watch.last_id}, block=max(1, int(wait_s * 1000))))
-            if isinstance(verdict := watch.verdict(), JobResult):
-                return verdict
-
-    async def _batch_status_pass(self, watch: BatchWatch) -> list[tuple[Any, Outcome]]:
-        ids = list(watch.pending)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(keys.rq_job_key(job_id), "status")
-            for chunk in watch.chunks():
-                pipe.xread(chunk)
-            replies = await pipe.execute()
-        states = {job_id: job_state(raw) for job_id, raw in zip(ids, replies)}
-        return watch.feed_xread(replies[len(ids):], states)
-
-    async def _batch_wait_pass(self, watch: BatchWatch) -> list[tuple[Any, Outcome]]:
-        chunks = watch.chunks()
-        if len(chunks) == 1:
-            return watch.feed_xread([await self.redis.xread(chunks[0], block=watch.block_ms())])
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for chunk in chunks:
-                pipe.xread(chunk)
-            settled = watch.feed_xread(await pipe.execute())
-        if not settled:
-            await asyncio.sleep(watch.quiet_pause())
-        return settled
-
-    async def _raw_statuses(self, job_ids: list[str]) -> list[bytes | None]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hget(keys.rq_job_key(job_id), "status")
-            return await pipe.execute()

@@ -7,7 +7,8 @@ from typing import Any
 from common import keys
 from common.errors import InvalidRequestError
 from common.results import ChatMessage
-from producer.client import Client, JobHandle
+from producer.client import Client
+from producer.handles import JobHandle
 
 
 class Session:
@@ -30,7 +31,7 @@ class Session:
         self.session_id = keys.validate_session_id(session_id) if session_id is not None else uuid.uuid4().hex
         self._history: list[ChatMessage] = []
         if system is not None:
-            self._history.append(ChatMessage(role="system", content=_text(system, "system")))
+            self._history.append(ChatMessage(role="system", content=_string(system, "system")))
 
     @property
     def history(self) -> tuple[ChatMessage, ...]:
@@ -46,7 +47,7 @@ class Session:
         """
         if "session_id" in options or "messages" in options:
             raise InvalidRequestError("a Session sets session_id and messages itself; pass only sampling options")
-        messages = [*self._history, ChatMessage(role="user", content=_text(text, "text"))]
+        messages = [*self._history, ChatMessage(role="user", content=_string(text, "text"))]
         return self.client.submit(messages=messages, session_id=self.session_id, **options)
 
     def complete(self, handle: JobHandle, timeout: float | None = None) -> str:
@@ -76,7 +77,8 @@ class Session:
         return f"Session(session_id={self.session_id!r}, turns={len(self._history)})"
 
 
-def _text(value: Any, what: str) -> str:
+def _string(value: Any, what: str) -> str:
+    """``value`` if it is a ``str``; :class:`InvalidRequestError` naming ``what`` otherwise."""
     if not isinstance(value, str):
         raise InvalidRequestError(f"{what} must be a string, got {type(value).__name__}")
     return value

@@ -20,7 +20,7 @@ from common.errors import JobCancelled, JobFailed, JobNotFound, ResultTimeout, S
 from common.redis_conn import RedisUnavailableError
 from common.results import JobResult
 from producer import Client
-from producer.client import BatchHandle
+from producer.batches import BatchHandle
 
 WAIT_S = 2.0  # how long one client wait blocks before it checks the clock again
 REDIS_ERRORS = (redis.RedisError, RedisUnavailableError, ConnectionError, OSError)

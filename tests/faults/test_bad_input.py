@@ -52,7 +52,7 @@ from common.schemas import MAX_MESSAGES, GenerationRequest, check_limits, parse_
 from common.settings import Settings, get_settings
 from gpu_worker.serve.job_pump import MAX_ERROR_CHARS
 from producer import Client
-from producer.stream import JobState, ResultWatch
+from producer.job_state import JobState, ResultWatch
 from tests.doubles import StubEngineLoop
 from tests.pipeline_checks import wait_until
 

@@ -282,7 +282,7 @@ def test_batch_of_only_existing_ids_enqueues_nothing(client, raw):
 def test_batch_retries_when_an_id_is_created_concurrently(client, raw, monkeypatch):
     """A job created by another client between the existence check and EXEC aborts the
     transaction (WATCH); the retry sees it and skips it, so no id is enqueued twice."""
-    real_wait = client._wait_for_room
+    real_wait = client._enqueuer.wait_for_room
     calls = []
 
     def racing_wait(needed, wait_s):
@@ -292,7 +292,7 @@ def test_batch_retries_when_an_id_is_created_concurrently(client, raw, monkeypat
         calls.append(needed)
         real_wait(needed, wait_s)
 
-    monkeypatch.setattr(client, "_wait_for_room", racing_wait)
+    monkeypatch.setattr(client._enqueuer, "wait_for_room", racing_wait)
     batch = client.submit_batch([{"prompt": "x", "request_id": "a"}, {"prompt": "y", "request_id": "b"}])
     assert len(calls) == 2 and [h.created for h in batch] == [True, False]
     assert batch.handles[1].request.prompt == "theirs"

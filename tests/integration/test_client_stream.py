@@ -263,7 +263,7 @@ def test_cancel_of_requeued_job_ends_after_its_logged_tokens(client, worker, raw
 
 def test_cancel_unknown_job(client):
     assert client.submit("p").cancel() is True
-    from producer.client import JobHandle
+    from producer.handles import JobHandle
     ghost = JobHandle(client, "ghost", keys.BATCH_QUEUE, client.build_request("p", request_id="ghost"))
     assert ghost.cancel() is False and ghost.status() == JobState.UNKNOWN
     with pytest.raises(JobNotFound):

@@ -84,7 +84,7 @@ def test_request_limits_at_the_client(redis_url: str, conn: redis.Redis, name: s
 @pytest.mark.parametrize(("name", "request_", "message"), OVER_THE_LIMIT, ids=[c[0] for c in OVER_THE_LIMIT])
 def test_request_limits_again_in_the_worker(redis_url: str, conn: redis.Redis, tiny_llama_dir, name: str,
                                             request_: dict, message: str) -> None:
-    from producer.stream import JobState, ResultWatch
+    from producer.job_state import JobState, ResultWatch
 
     enqueue_unchecked(conn, "too-big", request_)
     pump = make_pump(redis_url, tiny_llama_dir)

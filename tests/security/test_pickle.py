@@ -27,7 +27,7 @@ from common.cli import PICKLE_FREE_COMMANDS, SUBCOMMANDS
 from common.errors import InvalidRequestError, JobFailed, TpqError
 from common.jobs import GENERATE_FUNC
 from producer import AsyncClient, Client
-from producer.client import BatchHandle
+from producer.batches import BatchHandle
 
 
 class Mkdir:
