@@ -1,4 +1,4 @@
-"""gpu_worker.serve.admission.decide: every verdict of admission, without Redis.
+"""gpu_worker.serve.admission: every verdict of decide, without Redis; the batch read it takes, on fakeredis.
 
 Jobs are real ``AllowListedJob`` objects built in memory (their connection
 points at a port nothing listens on, and is never used).
@@ -11,10 +11,14 @@ import pytest
 import redis
 from rq.serializers import JSONSerializer
 
+from common import keys
 from common.jobs import GENERATE_FUNC
 from common.results import FinishReason, StreamEnd, TokenEvent
 from common.settings import get_settings
-from gpu_worker.serve.admission import Fail, FinishWithoutEngine, Generate, LogState, Resume, decide
+from common.token_log import queue_messages, resume_point
+from gpu_worker.serve.admission import (
+    Fail, FinishWithoutEngine, Generate, LogState, Resume, decide, read_log_states,
+)
 from gpu_worker.serve.allow_list import AllowListedJob
 
 NOW = 1_700_000_000.0
@@ -129,3 +133,19 @@ def test_the_result_of_a_job_finished_from_its_log_is_what_the_log_holds() -> No
     assert (result.text, result.token_ids, result.finish_reason) == ("tt", [10, 11], FinishReason.LENGTH)
     assert (result.usage.prompt_tokens, result.usage.generated_tokens, result.group, result.attempt) == (5, 2, "g0", 2)
     assert result.timings.total_s == 0.0
+
+
+def test_the_log_states_of_a_batch_are_its_resume_points_and_cancel_flags(fake_redis: redis.Redis) -> None:
+    """One pipeline for the batch, read the way resume_point reads one log: only its gap-free start counts."""
+    holed = [*tokens("holed", 3), TokenEvent(request_id="holed", index=5, token_id=1, text="x")]  # a hole at 3
+    ended = [*tokens("ended", 2), StreamEnd(request_id="ended", num_tokens=2, finish_reason=FinishReason.STOP)]
+    with fake_redis.pipeline(transaction=False) as pipe:
+        queue_messages(pipe, [*holed, *ended], maxlen=100, ttl_s=60)
+        pipe.execute()
+    fake_redis.set(keys.cancel_flag("ended"), 1)
+    states = read_log_states(fake_redis, ["holed", "ended", "fresh"])
+    for job_id in ("holed", "ended", "fresh"):
+        logged, end = resume_point(fake_redis, job_id)
+        assert states[job_id] == LogState(tuple(logged), end, cancelled=job_id == "ended")
+    assert len(states["holed"].tokens) == 3 and states["ended"].end is not None and states["fresh"] == LogState()
+    assert read_log_states(fake_redis, []) == {}
