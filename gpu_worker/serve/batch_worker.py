@@ -161,12 +161,14 @@ class BatchWorker(NoClientList, BaseWorker):
         with self.connection.pipeline(transaction=False) as pipe:
             for job_id, _queue_name in taken:
                 pipe.hgetall(keys.rq_job_key(job_id))
-            hashes = pipe.execute()
+            hashes = pipe.execute(raise_on_error=False)  # one job's bad key (WRONGTYPE) fails that job only
         claimed = []
         for (job_id, queue_name), raw in zip(taken, hashes):
             queue = Queue(queue_name, connection=self.connection, serializer=JSONSerializer)
             job = AllowListedJob(job_id, connection=self.connection, serializer=JSONSerializer)
             try:
+                if isinstance(raw, Exception):
+                    raise raw
                 if not raw:
                     raise NoSuchJobError(f"No such job: {job.key}")  # what rq's Job.fetch raises
                 job.restore(raw)

@@ -51,6 +51,19 @@ def test_claim_takes_urgent_queues_first_and_records_claims(conn):
     assert queued(conn, keys.BATCH_QUEUE) == ["b1", "b2"]
 
 
+def test_a_claimed_id_whose_job_key_is_not_a_hash_is_unreadable_and_the_others_are_fetched(conn):
+    """One job's hash is read in the same pipeline as the others: its WRONGTYPE must fail that job alone."""
+    enqueue(conn, "good0")
+    conn.rpush(keys.rq_queue_key(QUEUE), "bad")
+    conn.set(keys.rq_job_key("bad"), "not a hash")
+    enqueue(conn, "good1")
+    w = worker(conn)
+    claimed = w.claim([QUEUE], limit=3)
+    assert [c.job_id for c in claimed] == ["good0", "bad", "good1"]
+    assert [c.job is None for c in claimed] == [False, True, False]
+    assert "WRONGTYPE" in claimed[1].error
+
+
 def test_a_job_that_a_crashed_redis_lost_after_the_claim_is_written_whole_when_it_starts(conn):
     """Single fields written into the lost hash would leave a stub no one can read ('Unexpected job format')."""
     enqueue(conn, "lost")
