@@ -157,16 +157,7 @@ def resume_point(conn: redis.Redis, job_id: str) -> tuple[list[TokenEvent], Stre
     Redis lost) the job resumes at the hole, and its writer's first append
     drops the entries above it (see :func:`append_messages`).
     """
-    tokens: list[TokenEvent] = []
-    end = None
-    for message in read_log(conn, job_id):
-        if position_of(message) != len(tokens):
-            break
-        if isinstance(message, StreamEnd):
-            end = message
-            break
-        tokens.append(message)
-    return tokens, end
+    return resume_point_from(conn.xrange(keys.token_log(job_id)))
 
 
 def logged_count(conn: redis.Redis, job_id: str) -> int:
@@ -224,10 +215,9 @@ def queue_resume_read(pipe: Any, job_id: str) -> None:
 
 def resume_point_from(entries: list[tuple[Any, dict[Any, Any]]]) -> tuple[list[TokenEvent], StreamEnd | None]:
     """:func:`resume_point` from the reply of the read :func:`queue_resume_read` queued (the log's entries)."""
-    messages = decode_log(entries)
     tokens: list[TokenEvent] = []
     end = None
-    for message in messages:
+    for message in decode_log(entries):
         if position_of(message) != len(tokens):
             break
         if isinstance(message, StreamEnd):
