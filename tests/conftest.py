@@ -8,8 +8,8 @@ import pytest
 import redis
 
 from common.settings import get_settings
+from producer.local_stack.embedded_redis import RedisServer
 from producer.local_stack.stack import LocalStack, StackOptions
-from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")

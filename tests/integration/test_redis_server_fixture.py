@@ -1,4 +1,4 @@
-"""tests.redis_server and the Redis fixtures: a real, isolated, durable redis-server."""
+"""producer.local_stack.embedded_redis and the Redis fixtures: a real, isolated, durable redis-server."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.redis_server import DEFAULT_PORT, RedisServer, RedisServerError, find_redis_server, free_port
+from producer.local_stack.embedded_redis import DEFAULT_PORT, RedisServer, RedisServerError, find_redis_server, free_port
 
 
 def _pid_alive(pid: int) -> bool:

@@ -35,8 +35,8 @@ from common.groups import read_heartbeats
 from common.redis_conn import connect
 from common.results import FinishReason, JobResult
 from producer import AsyncClient, Client, Session
+from producer.local_stack.embedded_redis import RedisServer
 from tests.pipeline_checks import assert_streams_match_results, collect, wait_until
-from tests.redis_server import RedisServer
 
 ACL_USER = "tpqueue"
 PASSWORD = "Tpq-S3cret/pa:ss@word-7f3a9c"  # '/', ':' and '@' must be percent-encoded in a URL

@@ -18,12 +18,11 @@ from urllib.parse import quote
 
 import pytest
 
-from producer.local_stack.embedded_redis import free_port
+from producer.local_stack.embedded_redis import RedisServer, free_port
 from common.errors import InvalidConfigError
 from common.redis_conn import RedisUnavailableError, connect
 from common.settings import get_settings
 from producer import Client
-from tests.redis_server import RedisServer
 
 PASSWORD = "Hunter2-S3cr3t/x:y@z"
 SPELLINGS = (PASSWORD, quote(PASSWORD, safe=""), "S3cr3t")

@@ -29,12 +29,11 @@ import pytest
 import redis
 import redis.asyncio
 
-from producer.local_stack.embedded_redis import find_redis_server, free_port
+from producer.local_stack.embedded_redis import RedisServer, find_redis_server, free_port
 from common.errors import InvalidConfigError
 from common.redis_conn import RedisUnavailableError, async_connect, connect, redact_url
 from producer import Client
 from tests.pipeline_checks import assert_streams_match_results, collect
-from tests.redis_server import RedisServer
 from tests.security.test_redis_acl import ACL_USER, ADMIN_PASSWORD, PASSWORD, STACK_ENV, acl_setuser, tpq, wait_for_line
 
 

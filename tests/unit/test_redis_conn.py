@@ -20,7 +20,7 @@ from common.redis_conn import (
     parse_redis_url,
     redact_url,
 )
-from tests.redis_server import RedisServer
+from producer.local_stack.embedded_redis import RedisServer
 
 # ---------------------------------------------------------------- parsing
 
