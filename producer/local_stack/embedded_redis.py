@@ -95,16 +95,19 @@ class RedisServer:
         """``redis://[:password@]127.0.0.1:<port>/0``."""
         if self.port is None:
             raise RedisServerError("the server was never started: call start() first")
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        return f"redis://{self._auth}{self.host}:{self.port}/0"
 
     @property
     def unix_url(self) -> str:
         """``unix://[:password@]<dir>/redis.sock?db=0`` (needs ``unix_socket=True``)."""
         if self.unix_socket_path is None:
             raise RedisServerError("this server has no unix socket: pass unix_socket=True")
-        auth = f":{self.password}@" if self.password else ""
-        return f"unix://{auth}{self.unix_socket_path}?db=0"
+        return f"unix://{self._auth}{self.unix_socket_path}?db=0"
+
+    @property
+    def _auth(self) -> str:
+        """The URL's userinfo part: ``:password@``, or nothing without a password."""
+        return f":{self.password}@" if self.password else ""
 
     @property
     def pid(self) -> int | None:
