@@ -14,6 +14,7 @@ The defaults split evenly for tensor parallel size 2: Llama has 4 query and
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,54 +67,34 @@ NORM_STD = 0.1
 BIAS_STD = 0.1
 
 
-def write_tiny_llama(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    vocab_size: int = 512,
-    max_position_embeddings: int = 512,
-    rope_theta: float = 10000.0,
-    tie_word_embeddings: bool = False,
-) -> Path:
-    """Write a tiny random Llama checkpoint plus tokenizer; return `out_dir`."""
-    config = LlamaConfig(
-        **_common_config_kwargs(
-            hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
-            vocab_size, max_position_embeddings, rope_theta, tie_word_embeddings,
-        )
-    )
+@dataclass(frozen=True)
+class TinySizes:
+    """The sizes of a tiny checkpoint; the defaults are the tiny Llama's."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 512
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+
+def write_tiny_llama(out_dir: Path, *, seed: int = 0, **sizes) -> Path:
+    """Write a tiny random Llama checkpoint plus tokenizer; return `out_dir`. `sizes`: fields of `TinySizes`."""
+    config = LlamaConfig(**_common_config_kwargs(TinySizes(**sizes)))
     return _write_checkpoint(out_dir, LlamaForCausalLM, config, seed, "gpt2")
 
 
-def write_tiny_qwen2(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    hidden_size: int = 96,
-    num_layers: int = 2,
-    num_heads: int = 6,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    vocab_size: int = 512,
-    max_position_embeddings: int = 512,
-    rope_theta: float = 10000.0,
-    tie_word_embeddings: bool = False,
-) -> Path:
+def write_tiny_qwen2(out_dir: Path, *, seed: int = 0, **sizes) -> Path:
     """Write a tiny random Qwen2 checkpoint (q/k/v biases, GQA) plus tokenizer.
 
-    The default hidden size is 96 so that 6 heads get a head_dim of 16.
+    The default hidden size is 96 and 6 heads, so that each gets a head_dim
+    of 16; `sizes` (fields of `TinySizes`) override any of them.
     """
-    config = Qwen2Config(
-        **_common_config_kwargs(
-            hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
-            vocab_size, max_position_embeddings, rope_theta, tie_word_embeddings,
-        )
-    )
+    config = Qwen2Config(**_common_config_kwargs(TinySizes(**{"hidden_size": 96, "num_heads": 6, **sizes})))
     return _write_checkpoint(out_dir, Qwen2ForCausalLM, config, seed, "qwen2")
 
 
@@ -160,28 +141,18 @@ def hf_greedy(
     return output[0, len(prompt_ids):].tolist()
 
 
-def _common_config_kwargs(
-    hidden_size: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    intermediate_size: int,
-    vocab_size: int,
-    max_position_embeddings: int,
-    rope_theta: float,
-    tie_word_embeddings: bool,
-) -> dict:
+def _common_config_kwargs(sizes: TinySizes) -> dict:
     """Config fields shared by the Llama and Qwen2 writers."""
     return dict(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
-        vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings,
-        rope_theta=rope_theta,
-        tie_word_embeddings=tie_word_embeddings,
+        hidden_size=sizes.hidden_size,
+        num_hidden_layers=sizes.num_layers,
+        num_attention_heads=sizes.num_heads,
+        num_key_value_heads=sizes.num_kv_heads,
+        intermediate_size=sizes.intermediate_size,
+        vocab_size=sizes.vocab_size,
+        max_position_embeddings=sizes.max_position_embeddings,
+        rope_theta=sizes.rope_theta,
+        tie_word_embeddings=sizes.tie_word_embeddings,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=EOS_ID,
