@@ -57,6 +57,7 @@ def python_files(*roots: str) -> list[Path]:
     files: list[Path] = []
     for root in roots:
         path = REPO_ROOT / root
+        assert path.exists(), f"{root} is gone: update the layout rules in this test"
         files += [path] if path.is_file() else sorted(path.rglob("*.py"))
     return files
 
