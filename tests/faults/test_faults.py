@@ -138,10 +138,11 @@ def test_a_hung_rank_is_detected_and_the_group_restarted(start_stack, redis_url,
     with Client(redis_url) as client:
         handles = submit_long_jobs(client, 4)
         thread, box = streams_in_background(handles)
-        wait_for_tokens(conn, handles, 40)
+        wait_for_tokens(conn, handles, each=MID_STREAM)
         pid, incarnation = rank_pid(conn, "g0", 1)
         stopped_at = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
+        unfinished_streams(conn, handles, "at the stop")  # read after the stop: every job was running
         try:
             while current_incarnation(conn, "g0") == incarnation:
                 assert time.monotonic() - stopped_at < 30, "the hung group was not restarted within 30 s"
