@@ -35,7 +35,7 @@ class _Reader:
     @property
     def next_index(self) -> int:
         """The index of the next token (= tokens delivered, counting from ``start``'s 0)."""
-        return self._core.cursor.next_position
+        return self._core.delivered
 
     @property
     def timeout(self) -> float | None:

@@ -254,16 +254,26 @@ class ReaderCore:
     def timeout_error(self, state: str) -> ResultTimeout:
         return ResultTimeout(
             f"no token event from job {self.job_id!r} within {self.timeout:g} s (status: {state}, "
-            f"{self.cursor.next_position} tokens so far); wait longer or check that a worker group serves it",
+            f"{self.delivered} tokens so far); wait longer or check that a worker group serves it",
             job_id=self.job_id, status=state, waited_s=self.timeout or 0.0,
         )
 
+    @property
+    def delivered(self) -> int:
+        """The index of the next token to hand out: those the cursor took, less those still ready."""
+        return self.cursor.next_position - len(self.ready)
+
     def judge_status(self, state: JobState, failure: str | None) -> None:
-        """After an idle re-read found no end: raise if rq's status says the stream can never end."""
+        """After an idle re-read found no end: raise if rq's status says the stream can never end.
+
+        Not while tokens the same re-read brought wait to be handed out: the
+        caller gets them first (and may resume at :attr:`delivered` after an
+        error); the next idle re-read judges the status again.
+        """
         self.idle_since = time.monotonic()
-        if self.cursor.end is not None:
+        if self.cursor.end is not None or self.ready:
             return
-        job_id, received = self.job_id, self.cursor.next_position
+        job_id, received = self.job_id, self.delivered
         if state is JobState.FAILED:
             raise job_failed(job_id, failure)
         if state is JobState.CANCELLED:
@@ -300,8 +310,8 @@ class ReaderCore:
         if failing >= self.give_up_s:
             raise RedisUnavailableError(
                 f"lost Redis while streaming job {self.job_id!r} and could not reconnect for {failing:.1f} s "
-                f"({type(error).__name__}: {error}); {self.cursor.next_position} tokens were delivered: "
-                f"call stream(start={self.cursor.next_position}) later to resume"
+                f"({type(error).__name__}: {error}); {self.delivered} tokens were delivered: "
+                f"call stream(start={self.delivered}) later to resume"
             ) from error
         log.info("job %s: stream connection lost (%s: %s); reconnecting in %.2f s",
                  self.job_id, type(error).__name__, error, pause)

@@ -15,6 +15,7 @@ from common import keys
 from common.errors import JobFailed, JobNotFound, ResultTimeout, StreamIncomplete
 from common.redis_conn import RedisUnavailableError
 from common.results import FinishReason, StreamEnd, TokenEvent
+from common.jobs import LOG_FIELD, encode_stream_message, log_entry_id
 from common.token_log import queue_messages
 from producer.stream import AsyncTokenStream, TokenStream
 
@@ -88,6 +89,23 @@ def test_idle_reread_sees_failed_status(fake_redis):
 def test_unknown_job(fake_redis):
     with pytest.raises(JobNotFound, match=f"no job '{JOB}'"):
         next(TokenStream(fake_redis, JOB, **FAST))
+
+
+def test_a_status_is_judged_only_after_the_tokens_that_came_with_it(fake_redis):
+    """An idle re-read that brings tokens and a final status hands the tokens out first, and ``next_index``
+    counts only what was handed out: a caller that resumes there after the error misses nothing (the chaos
+    soak's client resubmits a job Redis lost and streams again from ``next_index``)."""
+    set_status(fake_redis, "started")
+    write(fake_redis, events(1))
+    stream = TokenStream(fake_redis, JOB, timeout=5, **FAST).open()
+    got = [next(stream)]  # from the replay; the stream now waits on pub/sub
+    for event in events(3, start=1):  # logged, not published: only the idle re-read sees them,
+        fake_redis.xadd(keys.token_log(JOB), {LOG_FIELD: encode_stream_message(event)}, id=log_entry_id(event.index))
+    fake_redis.delete(keys.rq_job_key(JOB))  # in the same round trip as the job's status (gone)
+    with pytest.raises(JobNotFound):
+        for event in stream:
+            got.append(event)
+    assert got == events(3) and stream.next_index == 3
 
 
 def test_finished_job_without_end_record(fake_redis):
