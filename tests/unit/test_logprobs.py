@@ -14,9 +14,8 @@ from common.jobs import decode_stream_message, encode_stream_message
 from common.results import FinishReason, GenerationResult, Timings, TokenEvent, TokenLogprob, Usage
 from common.sampling import SamplingParams
 from gpu_worker.llm import Engine
-from tests.checkpoints import hf_reference_logprobs
+from tests.parity import LOGPROB_TOLERANCE, assert_logprobs_match_transformers
 
-TOLERANCE = 1e-4
 BLOCK = 4
 BUDGET = 16  # tokens per step: a 37-token prompt prefills in chunks of 16, 16 and 5
 
@@ -40,32 +39,6 @@ def engine(model_dir):
         yield eng
 
 
-def assert_matches(entry: TokenLogprob, reference_row: torch.Tensor, token_id: int, k: int) -> None:
-    """``entry`` is ``token_id``'s logprob in ``reference_row`` and its top ``k``, ids and values."""
-    assert entry.token_id == token_id
-    assert abs(entry.logprob - reference_row[token_id].item()) <= TOLERANCE
-    top = torch.topk(reference_row, k) if k else None
-    assert [t for t, _ in entry.top_logprobs] == ([] if top is None else top.indices.tolist())
-    if top is not None:
-        assert max(abs(v - r) for (_, v), r in zip(entry.top_logprobs, top.values.tolist())) <= TOLERANCE
-
-
-def assert_logprobs_match_transformers(model_dir, prompt: list[int], result: GenerationResult,
-                                       sampling: SamplingParams) -> None:
-    ids = prompt + result.token_ids
-    reference = hf_reference_logprobs(model_dir, ids)  # row i: the distribution of token i + 1
-    if sampling.prompt_logprobs is not None:
-        assert len(result.prompt_logprobs) == len(prompt)
-        assert result.prompt_logprobs[0] == TokenLogprob(token_id=prompt[0])  # nothing precedes it
-        for j in range(1, len(prompt)):
-            assert_matches(result.prompt_logprobs[j], reference[j - 1], prompt[j], sampling.prompt_logprobs)
-    if sampling.logprobs is not None:
-        assert len(result.logprobs) == len(result.token_ids)
-        for i, entry in enumerate(result.logprobs):
-            position = len(prompt) - 1 + i
-            assert_matches(entry, reference[position], ids[position + 1], sampling.logprobs)
-
-
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_prompt_and_sampled_logprobs_match_transformers(engine, model_dir, sampling):
     prompt = random_prompt(37)
@@ -85,7 +58,7 @@ def test_sampled_logprobs_are_the_raw_distribution_not_the_tempered_one(engine):
     [greedy] = engine.generate({"prompt_token_ids": prompt}, raw)
     [hot] = engine.generate({"prompt_token_ids": prompt}, tempered)
     [(hot_ids, hot_values)], [(ids, values)] = [[list(zip(*r.logprobs[0].top_logprobs))] for r in (hot, greedy)]
-    assert hot_ids == ids and hot_values == pytest.approx(values, abs=TOLERANCE)
+    assert hot_ids == ids and hot_values == pytest.approx(values, abs=LOGPROB_TOLERANCE)
 
 
 def test_rows_that_did_not_ask_get_nothing_and_asking_changes_no_token(engine, model_dir):
