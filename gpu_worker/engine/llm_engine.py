@@ -212,6 +212,8 @@ class LLMEngine:
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             if seq.sampling.logprobs is not None:
                 wanted.add(row, token, seq.sampling.logprobs)
+        if not wanted.rows:
+            return [None] * len(seqs)
         computed = dict(zip(wanted.rows, compute_logprobs(logits, wanted)))
         return [computed.get(row) for row in range(len(seqs))]
 
