@@ -14,13 +14,15 @@ from typing import Any
 from common.results import JobResult
 from producer.gateway.records import CompletionRecord
 
-DONE = b"data: [DONE]\n\n"
+DONE = "[DONE]"
+"""The ``data:`` of a stream's last event."""
 
 
-def sse(data: dict[str, Any], event_id: str | None = None) -> bytes:
-    """One server-sent event: an ``id:`` line (when given) and a ``data:`` line of JSON."""
+def sse(data: dict[str, Any] | str, event_id: str | None = None) -> bytes:
+    """One server-sent event: an ``id:`` line (when given) and a ``data:`` line (JSON, or :data:`DONE`)."""
     head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"{head}data: {text}\n\n".encode()
 
 
 def usage(record: CompletionRecord, results: list[JobResult]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from common.metrics import HTTP_OPEN_STREAMS
 from common.results import JobResult, StreamEnd, TokenEvent
 from producer.async_client import AsyncClient
 from producer.gateway import records
-from producer.gateway.errors import APIError, bad_request, from_tpq_error
+from producer.gateway.errors import bad_request, from_tpq_error
 from producer.gateway.records import CompletionRecord
 from producer.gateway.responses import DONE, chunk, sse, usage_chunk
 from producer.handles import AsyncJobHandle
@@ -74,10 +74,8 @@ async def _pump(handle: AsyncJobHandle, start: int, choice: int, queue: asyncio.
         await queue.put((choice, e))
 
 
-def _error_event(error: Exception) -> bytes:
-    api_error = from_tpq_error(error) if isinstance(error, TpqError) else APIError(500, "internal error while "
-                                                                                       "streaming")
-    return sse(api_error.body())
+def _error_event(error: TpqError, last_id: str) -> bytes:
+    return sse(from_tpq_error(error).body(), last_id)
 
 
 class CompletionStream:
@@ -113,10 +111,10 @@ class CompletionStream:
             if self.record.include_usage:
                 yield sse(usage_chunk(self.record, await self._results()), event_id(last))
             done = True
-            yield DONE
+            yield sse(DONE, event_id(last))
         except TpqError as e:
             done = True  # the job failed or is gone: nothing is left to cancel
-            yield _error_event(e)
+            yield _error_event(e, event_id(last))
         finally:
             for pump in pumps:
                 pump.cancel()
