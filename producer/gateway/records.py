@@ -101,7 +101,7 @@ async def attach(conn: Any, cid: str, ttl_s: int) -> int:
     """Count one more stream attached to completion ``cid``; the count after it."""
     key = keys.stream_attach(cid)
     async with conn.pipeline(transaction=True) as pipe:
-        pipe.incr(key)
+        pipe.incrby(key, 1)  # INCRBY: the least-privilege ACL user (README, "Security") has no INCR
         pipe.expire(key, ttl_s)
         count, _ = await pipe.execute()
     return int(count)
