@@ -7,6 +7,7 @@ every token the gateway sends is one the test wrote.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -79,6 +80,26 @@ def test_chat_streamed_and_not_through_the_sdk(sdk, worker):
 
     again = client.chat.completions.retrieve(answer.id)  # GET /v1/chat/completions/{id}
     assert again.choices[0].message.content == "Hello world"
+
+
+def test_the_async_sdk_streams_completions(sdk, worker):
+    client = sdk()
+    base_url = str(client.base_url)
+    thread = worker.run_in_thread(["Once", " upon"], count=2)
+
+    async def go() -> tuple[str, list]:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0) as aclient:
+            answer = await aclient.completions.create(model=FAKE_MODEL, prompt="x", max_tokens=2)
+            stream = await aclient.completions.create(model=FAKE_MODEL, prompt="x", max_tokens=2, stream=True,
+                                                      stream_options={"include_usage": True})
+            return answer.choices[0].text, [c async for c in stream]
+
+    text, chunks = asyncio.run(go())
+    thread.join(timeout=30)
+    assert text == "Once upon"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Once upon"
+    assert all(c.object == "text_completion" for c in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
 
 
 def test_completions_with_n_choices_are_n_jobs_with_derived_ids(sdk, worker, redis_url):
