@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -32,6 +33,8 @@ from producer.handles import AsyncJobHandle
 
 log = logging.getLogger(__name__)
 
+DEPLOYMENT_TTL_S = 1.0
+"""Seconds a reading of the groups serves later requests (reading heartbeats SCANs the keyspace)."""
 FINISHED_PROBE_S = 0.05
 """Seconds ``GET .../{id}`` waits for results that are not there yet before it answers 409."""
 
@@ -42,6 +45,7 @@ class Completions:
     def __init__(self, client: AsyncClient, conn: redis.Redis, settings: Settings) -> None:
         self.client, self.conn, self.settings = client, conn, settings
         self._background: set[asyncio.Task] = set()
+        self._deployment: tuple[float, Deployment] | None = None
 
     async def aclose(self) -> None:
         """Close the connections; a pending disconnect-grace cancel is dropped (its jobs run to their end)."""
@@ -57,8 +61,11 @@ class Completions:
         task.add_done_callback(self._background.discard)
 
     async def deployment(self) -> Deployment:
-        """The groups and their verdicts now."""
-        return await asyncio.to_thread(read_deployment, self.conn, self.settings)
+        """The groups and their verdicts, read at most :data:`DEPLOYMENT_TTL_S` ago."""
+        now = time.monotonic()
+        if self._deployment is None or now - self._deployment[0] >= DEPLOYMENT_TTL_S:
+            self._deployment = (now, await asyncio.to_thread(read_deployment, self.conn, self.settings))
+        return self._deployment[1]
 
     async def check_model(self, model: str) -> None:
         """Raise 503 when no group serves, 404 when none serves ``model``."""
