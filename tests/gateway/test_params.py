@@ -136,3 +136,22 @@ def test_event_ids_and_resume_points() -> None:
         with pytest.raises(APIError) as caught:
             resume_points(bad, 1)
         assert caught.value.param == "Last-Event-ID"
+
+
+def test_a_chat_body_becomes_the_request_the_python_client_builds() -> None:
+    from producer.async_client import AsyncClient
+    from producer.gateway.completions import Completions
+
+    settings = get_settings(redis_url="redis://localhost:1/0")
+    client = AsyncClient(settings=settings)  # connects lazily: nothing here touches Redis
+    try:
+        service = Completions(client, None, settings)  # type: ignore[arg-type]
+        completion = parse_chat({**CHAT, "n": 2, "seed": 5, "temperature": 0.5, "max_tokens": 8, "user": "u",
+                                 "stop": ["END"]})
+        built = [service._build(completion, i, f"c-{i}", completion.session_id) for i in range(2)]
+        expected = client.build_request(messages=CHAT["messages"], session_id="u", request_id="c-0",
+                                        temperature=0.5, seed=5, max_tokens=8, stop=["END"])
+        assert built[0] == expected and built[0].priority == "interactive"
+        assert built[1].sampling.seed == 6 and built[1].request_id == "c-1"  # n seeded choices differ, reproducibly
+    finally:
+        client._sync.close()
