@@ -137,6 +137,23 @@ def test_sessions_and_idempotency_keys_reach_the_clients_queues(sdk, redis_url):
     assert origin(opened()) == keys.BATCH_QUEUE
 
 
+def test_a_running_completion_is_not_finished_and_a_reused_key_must_repeat_its_request(sdk, worker):
+    client = sdk()
+    with client.chat.completions.create(model=FAKE_MODEL, messages=MESSAGES, stream=True,
+                                        extra_headers={"Idempotency-Key": "running-1"}) as stream:
+        next(iter(stream))
+        running = worker.take()
+        with pytest.raises(openai.ConflictError) as caught:
+            client.chat.completions.retrieve("running-1")
+        assert error_of(caught)["code"] == "not_finished"
+        with pytest.raises(openai.ConflictError) as caught:
+            client.chat.completions.create(model=FAKE_MODEL, messages=MESSAGES, n=2,
+                                           extra_headers={"Idempotency-Key": "running-1"})
+        assert error_of(caught)["code"] == "idempotency_conflict"
+        worker.succeed(running)
+    assert client.chat.completions.retrieve("running-1").choices[0].finish_reason == "stop"
+
+
 # ------------------------------------------------------------------ streams that survive
 
 
