@@ -29,11 +29,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("producer.cli.status", "show groups, ranks, shards, queues and jobs (--json for tools)"),
     "supervisor": ("router.cli", "run the recovery supervisor: shard map, dead and hung groups, rq cleanup"),
     "health": ("producer.cli.health", "check the deployment (or one group): exit 0 when healthy, 1 with the reason"),
+    "gateway": ("producer.gateway.cli", "serve the OpenAI-compatible HTTP API (chat, completions, streams) on Redis"),
 }
 
 # Commands that read Redis and need no pickle themselves: unpickling is disabled before they run.
 # (`worker` spawns ranks that unpickle their start-up handshake: its rank 0 disables pickle after that.)
-PICKLE_FREE_COMMANDS = frozenset({"supervisor", "up", "demo", "generate", "chat", "batch", "status", "health"})
+PICKLE_FREE_COMMANDS = frozenset({"supervisor", "up", "demo", "generate", "chat", "batch", "status", "health",
+                                  "gateway"})
 
 # global option -> (environment variable it sets for this process and its children, valid values)
 GLOBAL_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {

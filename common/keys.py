@@ -30,6 +30,10 @@ claimed_jobs(g)        ``tpq:claimed:<g>``              list: job ids group ``g`
                                                         and has not yet started (crash-safe dequeue)
 job_counter(c)         ``tpq:count:<c>``                hash: queue name -> jobs counted by clients
                                                         (``enqueued``, ``cancelled`` while queued)
+completion(c)          ``tpq:completion:<c>``           string (JSON) with TTL: the gateway's record of an
+                                                        HTTP completion ``c`` (its jobs, kind, model)
+stream_attach(c)       ``tpq:attach:<c>``               string (INCR) with TTL: HTTP streams that
+                                                        attached to completion ``c`` (disconnect grace)
 =====================  ===============================  ==========================================
 
 ``<s>`` is a shard number in ``[0, num_shards)``; ``<j>`` a job id (see
@@ -74,6 +78,8 @@ SHARD_MAP_EPOCH = "tpq:shardepoch"
 SUPERVISOR_LOCK = "tpq:lock:supervisor"
 CLAIMED_JOBS_PREFIX = "tpq:claimed:"
 JOB_COUNTER_PREFIX = "tpq:count:"
+COMPLETION_PREFIX = "tpq:completion:"
+STREAM_ATTACH_PREFIX = "tpq:attach:"
 JOB_COUNTERS = ("enqueued", "cancelled")  # what clients count per queue (see job_counter)
 
 MAX_NUM_SHARDS = 4096
@@ -321,3 +327,27 @@ def job_counter(counter: str) -> str:
     if counter not in JOB_COUNTERS:
         raise InvalidRequestError(f"unknown job counter {counter!r}; use one of {', '.join(JOB_COUNTERS)}")
     return f"{JOB_COUNTER_PREFIX}{counter}"
+
+
+# ---------------------------------------------------------------- the HTTP gateway
+
+
+def completion(completion_id: str) -> str:
+    """String (JSON, with TTL) recording an OpenAI-style completion the gateway created: ``tpq:completion:<id>``.
+
+    It records what any gateway replica needs to resume or fetch the
+    completion: its kind (chat or text), model, creation time, number of
+    jobs and whether its stream ends with a usage chunk. ``<id>`` follows the
+    job-id rules (it is the id of the completion's first job).
+    """
+    return f"{COMPLETION_PREFIX}{validate_job_id(completion_id)}"
+
+
+def stream_attach(completion_id: str) -> str:
+    """Counter (INCR, with TTL) of the HTTP streams that attached to a completion: ``tpq:attach:<id>``.
+
+    A stream that loses its client remembers the count it attached with; if
+    no other stream attached (resumed) within the disconnect grace, the
+    count is unchanged and the completion's jobs are cancelled.
+    """
+    return f"{STREAM_ATTACH_PREFIX}{validate_job_id(completion_id)}"

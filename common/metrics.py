@@ -33,7 +33,7 @@ from typing import Any
 
 import prometheus_client
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from common import keys
@@ -108,6 +108,19 @@ EVENT_METRICS: tuple[Counter | Histogram, ...] = (
     QUEUE_TIME, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, END_TO_END_LATENCY,
     PROMPT_TOKENS, CACHED_TOKENS, GENERATED_TOKENS, GROUP_RESTARTS,
 )
+
+
+# The OpenAI-compatible gateway's own metrics, in their own registry: only `tpq gateway` serves them (/metrics).
+GATEWAY_REGISTRY = CollectorRegistry()
+HTTP_REQUESTS = Counter(
+    "tpq_http_requests_total", "HTTP requests the gateway answered, by route template and status code.",
+    ["route", "status"], registry=GATEWAY_REGISTRY)
+HTTP_LATENCY = Histogram(
+    "tpq_http_request_duration_seconds",
+    "Seconds from an HTTP request's arrival to its response's start (a stream's first byte), by route.",
+    ["route"], buckets=TTFT_BUCKETS_S, registry=GATEWAY_REGISTRY)
+HTTP_OPEN_STREAMS = Gauge(
+    "tpq_http_open_streams", "Server-sent-event streams the gateway is sending now.", registry=GATEWAY_REGISTRY)
 
 
 class GroupMetrics:

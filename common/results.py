@@ -4,7 +4,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+TopLogprobs = list[tuple[int, float]]
+"""The most likely tokens at one position, most likely first: ``[(token_id, logprob), ...]``."""
 
 
 class FinishReason(str, Enum):
@@ -45,12 +48,38 @@ class Timings(BaseModel):
     total_s: float = Field(ge=0.0)
 
 
+class TokenLogprob(BaseModel):
+    """One token's log-probability at its position and the ``k`` most likely tokens there.
+
+    The model's raw distribution: the fp32 log-softmax of its logits, before
+    temperature, top-k and top-p. ``logprob`` is None for a prompt's first
+    token (nothing precedes it) and for tokens an earlier run streamed
+    without it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_id: int = Field(ge=0)
+    logprob: float | None = None
+    top_logprobs: TopLogprobs = Field(default_factory=list)
+
+
+def _drop_none(data: dict, names: tuple[str, ...]) -> dict:
+    """``data`` without those of ``names`` whose value is None: the wire stays as it was when they are off."""
+    for name in names:
+        if name in data and data[name] is None:
+            del data[name]
+    return data
+
+
 class TokenEvent(BaseModel):
     """One sampled token of one request, in order: ``index`` counts from 0 with no gaps.
 
     ``text`` is the valid UTF-8 text this token completes (possibly empty while
     a multi-byte character is still incomplete). The last event of a request
-    carries its ``finish_reason``.
+    carries its ``finish_reason``. With ``SamplingParams.logprobs=k`` it
+    carries the token's ``logprob`` and ``top_logprobs`` (k pairs, most
+    likely first); without, neither field is written at all.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -61,10 +90,26 @@ class TokenEvent(BaseModel):
     text: str
     finish_reason: FinishReason | None = None
     sampled_at: float | None = Field(None, description="Unix time the token was sampled (set by the engine).")
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_logprobs(self, handler: SerializerFunctionWrapHandler) -> dict:
+        return _drop_none(handler(self), ("logprob", "top_logprobs"))
+
+    def token_logprob(self) -> TokenLogprob:
+        """This event's token and its log-probabilities (``logprob`` None when the event has none)."""
+        return TokenLogprob(token_id=self.token_id, logprob=self.logprob, top_logprobs=self.top_logprobs or [])
 
 
 class GenerationResult(BaseModel):
-    """The finished output of one request."""
+    """The finished output of one request.
+
+    ``logprobs`` (with ``SamplingParams.logprobs``): one entry per generated
+    token, as its events carried. ``prompt_logprobs`` (with
+    ``SamplingParams.prompt_logprobs``): one entry per prompt token, the
+    first with ``logprob`` None. Absent from the serialized result when not asked.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,6 +119,12 @@ class GenerationResult(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_logprobs(self, handler: SerializerFunctionWrapHandler) -> dict:
+        return _drop_none(handler(self), ("logprobs", "prompt_logprobs"))
 
 
 class StreamEnd(BaseModel):

@@ -7,6 +7,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63 - 1
 MIN_TEMPERATURE = 1e-5  # smaller, non-zero temperatures overflow the scaled logits to inf (NaN probabilities)
+MAX_LOGPROBS = 20  # the most alternatives per position, as OpenAI's top_logprobs
 
 
 class SamplingParams(BaseModel):
@@ -16,6 +17,13 @@ class SamplingParams(BaseModel):
     least ``MIN_TEMPERATURE`` (1e-5). ``top_k == 0`` and ``top_p == 1``
     disable those filters. A ``seed`` makes a sampled request reproducible on
     its own, whatever else shares its batch.
+
+    ``logprobs=k`` (0..20) makes every sampled token's event carry its
+    log-probability and the ``k`` most likely tokens at its position;
+    ``prompt_logprobs=k`` makes the result carry the same for every prompt
+    token (given the tokens before it). ``None`` (the default) turns either
+    off. They are the model's raw log-probabilities: the fp32 log-softmax of
+    its logits, before temperature, top-k and top-p.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -28,6 +36,8 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = Field((), max_length=MAX_STOP_STRINGS)
     stop_token_ids: tuple[int, ...] = Field((), max_length=MAX_STOP_STRINGS)
     ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)  # strict: True is no count
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
 
     @field_validator("temperature")
     @classmethod

@@ -131,6 +131,29 @@ class Settings(BaseSettings):
         "0.0.0.0", min_length=1, max_length=255,
         description="Address the /metrics servers listen on (0.0.0.0: every interface; 127.0.0.1: this host only).",
     )
+    http_host: str = Field(
+        "127.0.0.1", min_length=1, max_length=255,
+        description="Address the OpenAI-compatible gateway listens on (`tpq gateway --host`); a non-loopback "
+        "address needs http_allow_anonymous until API keys exist.",
+    )
+    http_port: int = Field(
+        8000, ge=0, le=65535,
+        description="Port of the OpenAI-compatible gateway (`tpq gateway --port`; `tpq up --http-port`); 0: "
+        "`tpq up` starts no gateway.",
+    )
+    http_allow_anonymous: bool = Field(
+        False, description="Let the gateway listen on a non-loopback address without API keys (anyone who reaches "
+        "the port can submit jobs).",
+    )
+    http_disconnect_grace_s: float = Field(
+        10.0, ge=0, le=DAY_S,
+        description="Seconds a streamed completion runs on after its HTTP client disconnects, waiting for a resume "
+        "(Last-Event-ID); then it is cancelled. 0 cancels at once.",
+    )
+    http_max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=1024**3,
+        description="Largest HTTP request body the gateway reads; a bigger one gets 413.",
+    )
     log_format: LogFormat = Field(LogFormat.TEXT, description="'text' or 'json' log lines.")
     log_level: LogLevel = Field(LogLevel.INFO, description="DEBUG, INFO, WARNING or ERROR.")
 

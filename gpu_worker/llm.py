@@ -34,6 +34,8 @@ class Engine:
     the model's chat template), or ``{"prompt_token_ids": [...]}``.
     ``sampling`` is one ``SamplingParams`` (or dict) for all prompts, or a
     list with one per prompt. Bad input raises before anything runs.
+    ``SamplingParams(logprobs=k, prompt_logprobs=k)`` adds the model's raw
+    log-probabilities to the events and results (see ``common.sampling``).
 
     With tp > 1 the ranks are spawned processes: call this from code under
     ``if __name__ == "__main__":``.

@@ -112,6 +112,11 @@ def hf_reference_logits(model_dir: Path, token_ids: list[int]) -> torch.Tensor:
     return logits[0].float()
 
 
+def hf_reference_logprobs(model_dir: Path, token_ids: list[int]) -> torch.Tensor:
+    """Return transformers' float32 log-softmax `[len(token_ids), vocab]`: row i is the distribution of token i+1."""
+    return torch.log_softmax(hf_reference_logits(model_dir, token_ids), dim=-1)
+
+
 def hf_greedy(
     model_dir: Path,
     prompt_ids: list[int],

@@ -1,6 +1,7 @@
 """The rank-0 engine loop: admit requests, step the batch, turn sampled tokens into events and results."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,14 +10,15 @@ from pathlib import Path
 import torch
 
 from common.errors import InvalidConfigError, InvalidRequestError
-from common.results import FinishReason, GenerationResult, Timings, TokenEvent, Usage
+from common.results import FinishReason, GenerationResult, Timings, TokenEvent, TokenLogprob, Usage
 from common.sampling import SamplingParams
 from gpu_worker.models.config import ModelConfig
 from gpu_worker.engine.block_manager import BlockManager
 from gpu_worker.engine.engine_config import EngineConfig
 from gpu_worker.engine.executor import Executor
 from gpu_worker.engine.model_runner import RunnerSpec, kv_bytes_per_block
-from gpu_worker.engine.plan import order_decodes_first, pack_step
+from gpu_worker.engine.logprobs import LogprobRequests, compute_logprobs, prompt_rows
+from gpu_worker.engine.plan import logit_counts_for, order_decodes_first, pack_step
 from gpu_worker.engine.sampler import Sampler
 from gpu_worker.engine.scheduler import Scheduler, SchedulerConfig
 from gpu_worker.engine.sequence import Priority, Sequence
@@ -53,6 +55,7 @@ class _Request:
     holdback: int              # characters kept back while they might begin a stop string
     text: str = ""
     num_emitted_chars: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked
 
 
 class LLMEngine:
@@ -87,7 +90,8 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    priority: Priority = Priority.INTERACTIVE, resume_token_ids: list[int] = ()) -> None:
+                    priority: Priority = Priority.INTERACTIVE, resume_token_ids: list[int] = (),
+                    resume_logprobs: list[TokenLogprob] | None = None) -> None:
         """Queue a tokenized prompt. Raises InvalidRequestError when it cannot be served.
 
         ``resume_token_ids`` are tokens this request already generated (and
@@ -96,14 +100,21 @@ class LLMEngine:
         ``len(resume_token_ids)``, with text deltas that continue the text
         already sent. Greedy and seeded requests continue as the run that
         died would have (the sampler keys its draws by seed and token index).
+        ``resume_logprobs`` are those tokens' log-probabilities as the earlier
+        run streamed them (with ``sampling.logprobs``; entries with ``logprob``
+        None where none were logged); the result's ``logprobs`` start with them.
         """
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         self.validate_prompt(prompt_token_ids)
         self._validate_resume(prompt_token_ids, resume_token_ids, sampling)
+        if resume_logprobs is not None and [lp.token_id for lp in resume_logprobs] != list(resume_token_ids):
+            raise InvalidRequestError("resume_logprobs must give one entry per resumed token, for the same tokens")
         seq = Sequence(request_id, list(prompt_token_ids), sampling, priority)
         holdback = max((len(s) for s in sampling.stop), default=1) - 1
         request = _Request(seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids), holdback)
+        if sampling.logprobs is not None:
+            request.logprobs = list(resume_logprobs or [TokenLogprob(token_id=t) for t in resume_token_ids])
         for token in resume_token_ids:
             seq.append_token(token)
             if token not in self.eos_token_ids and token not in sampling.stop_token_ids:
@@ -159,7 +170,12 @@ class LLMEngine:
             return output
         seqs, num_new = order_decodes_first(batch.seqs, batch.num_new_tokens)
         batch.seqs, batch.num_new_tokens = seqs, num_new
-        logits = self.executor.execute(pack_step(seqs, num_new, self.config.block_size))  # [seqs, vocab]
+        counts = logit_counts_for(seqs, num_new)
+        starts = [seq.num_computed_tokens for seq in seqs]
+        logits = self.executor.execute(pack_step(seqs, num_new, self.config.block_size, counts))  # [rows, vocab]
+        last_rows = list(itertools.accumulate(counts, initial=-1))[1:]  # each sequence's last row
+        if any(seq.needs_prompt_logits for seq in seqs):
+            self._collect_prompt_logprobs(logits, seqs, num_new, counts, starts)
         rows = self.scheduler.on_step_done(batch)
         self.stats.steps += 1
         self.stats.computed_tokens += sum(num_new)
@@ -168,17 +184,45 @@ class LLMEngine:
         self.stats.generated_tokens += len(rows)
         if rows:
             sampled = [seqs[i] for i in rows]
-            tokens = self.sampler(logits if len(rows) == len(seqs) else logits[rows], sampled)
+            sample_logits = logits if len(rows) == len(logits) else logits[[last_rows[i] for i in rows]]
+            tokens = self.sampler(sample_logits, sampled)
+            logprobs = self._sampled_logprobs(sample_logits, sampled, tokens)
             sampled_at = time.time()
-            for seq, token in zip(sampled, tokens):
-                self._on_token(self._requests[seq.request_id], token, output, sampled_at)
+            for seq, token, logprob in zip(sampled, tokens, logprobs):
+                self._on_token(self._requests[seq.request_id], token, output, sampled_at, logprob)
         return output
+
+    @staticmethod
+    def _collect_prompt_logprobs(logits, seqs: list[Sequence], num_new: list[int], counts: list[int],
+                                 starts: list[int]) -> None:
+        """Append to each sequence's ``prompt_logprobs`` what this step's logits rows give (all in one batch)."""
+        wanted, queued, first_row = LogprobRequests(), [], 0
+        for seq, n, count, start in zip(seqs, num_new, counts, starts):
+            if seq.needs_prompt_logits:
+                queued.append((seq, prompt_rows(seq, start + n - count, first_row, count, wanted)))
+            first_row += count
+        results = iter(compute_logprobs(logits, wanted))
+        for seq, num in queued:
+            seq.prompt_logprobs.extend(next(results) for _ in range(num))
+
+    @staticmethod
+    def _sampled_logprobs(logits, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+        """The sampled tokens' log-probabilities, for the sequences that asked (None for the others)."""
+        wanted = LogprobRequests()
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+            if seq.sampling.logprobs is not None:
+                wanted.add(row, token, seq.sampling.logprobs)
+        if not wanted.rows:
+            return [None] * len(seqs)
+        computed = dict(zip(wanted.rows, compute_logprobs(logits, wanted)))
+        return [computed.get(row) for row in range(len(seqs))]
 
     def shutdown(self) -> None:
         self.executor.shutdown()
 
     # -- postprocessing ----------------------------------------------------------
-    def _on_token(self, request: _Request, token: int, output: StepOutput, sampled_at: float) -> None:
+    def _on_token(self, request: _Request, token: int, output: StepOutput, sampled_at: float,
+                  logprob: TokenLogprob | None) -> None:
         seq = request.seq
         seq.append_token(token)
         if seq.first_token_time is None:
@@ -201,9 +245,12 @@ class LLMEngine:
                                                             len(request.text) - request.holdback)
         delta = request.text[request.num_emitted_chars:visible_end]
         request.num_emitted_chars = visible_end
-        output.events.append(TokenEvent(request_id=seq.request_id, index=seq.num_generated_tokens - 1,
-                                        token_id=token, text=delta, finish_reason=reason,
-                                        sampled_at=sampled_at))
+        if logprob is not None:
+            request.logprobs.append(logprob)
+        output.events.append(TokenEvent(
+            request_id=seq.request_id, index=seq.num_generated_tokens - 1, token_id=token, text=delta,
+            finish_reason=reason, sampled_at=sampled_at, logprob=None if logprob is None else logprob.logprob,
+            top_logprobs=None if logprob is None else logprob.top_logprobs))
         if reason is not None:
             output.finished.append(self._finish(request, reason))
 
@@ -234,4 +281,6 @@ class LLMEngine:
             timings=Timings(queue_s=start - seq.arrival_time,
                             time_to_first_token_s=(seq.first_token_time or now) - seq.arrival_time,
                             total_s=now - seq.arrival_time),
+            logprobs=request.logprobs,
+            prompt_logprobs=seq.prompt_logprobs,
         )

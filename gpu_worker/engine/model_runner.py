@@ -34,7 +34,7 @@ class RunnerSpec:
 class StepInputs:
     input_ids: torch.Tensor        # [tokens]
     positions: torch.Tensor        # [tokens]
-    logits_rows: torch.Tensor      # [seqs] the last token of each sequence
+    logits_rows: torch.Tensor      # [rows] the last logit_counts[i] tokens of each sequence i
     meta: AttentionMetadata
 
 
@@ -72,10 +72,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run one step; returns float32 logits [seqs, vocab] on rank 0, None on the others."""
+        """Run one step; returns float32 logits [rows, vocab] on rank 0, None on the others.
+
+        ``rows`` is the sum of the plan's logit counts: one per sequence (its
+        last position) unless a sequence asked for the logits of its whole chunk.
+        """
         inputs = self.prepare_inputs(plan)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)  # [tokens, hidden]
-        logits = self.model.compute_logits(hidden[inputs.logits_rows])                   # [seqs, vocab]
+        logits = self.model.compute_logits(hidden[inputs.logits_rows])                   # [rows, vocab]
         return None if logits is None else logits.float()
 
     def prepare_inputs(self, plan: StepPlan) -> StepInputs:
@@ -84,7 +88,8 @@ class ModelRunner:
         input_ids = payload[:num_tokens]
         query_lens = payload[num_tokens:num_tokens + num_seqs]
         context_lens = payload[num_tokens + num_seqs:num_tokens + 2 * num_seqs]
-        block_tables = payload[num_tokens + 2 * num_seqs:].view(num_seqs, max_blocks)
+        logit_counts = plan.payload[num_tokens + 2 * num_seqs:num_tokens + 3 * num_seqs].tolist()  # on the CPU
+        block_tables = payload[num_tokens + 3 * num_seqs:].view(num_seqs, max_blocks)
         bs = self.spec.block_size
 
         if num_tokens == num_seqs:  # decode-only step: one token per sequence
@@ -95,9 +100,8 @@ class ModelRunner:
             offsets = torch.arange(num_tokens, device=self.device) - first_token[seq_of_token]
             positions = (context_lens - query_lens)[seq_of_token] + offsets
         slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
-        logits_rows = torch.cumsum(query_lens, 0) - 1
-
         q_lens, ctx_lens = query_lens.tolist(), context_lens.tolist()
+        logits_rows = self._logits_rows(q_lens, logit_counts, query_lens)
         num_decodes = next((i for i, q in enumerate(q_lens) if q != 1), num_seqs)
         decode_blocks = -(-max(ctx_lens[:num_decodes], default=1) // bs)
         decode_tables = block_tables[:num_decodes, :decode_blocks]
@@ -106,6 +110,16 @@ class ModelRunner:
         prefills = [self._prefill_span(i, q_lens, ctx_lens, block_tables) for i in range(num_decodes, num_seqs)]
         meta = AttentionMetadata(slot_mapping, num_decodes, decode_tables, decode_mask, prefills)
         return StepInputs(input_ids, positions, logits_rows, meta)
+
+    def _logits_rows(self, q_lens: list[int], logit_counts: list[int], query_lens: torch.Tensor) -> torch.Tensor:
+        """The token rows whose logits this step returns: each sequence's last ``logit_counts[i]`` tokens."""
+        if all(c == 1 for c in logit_counts):
+            return torch.cumsum(query_lens, 0) - 1
+        rows, end = [], 0
+        for q, c in zip(q_lens, logit_counts):
+            end += q
+            rows.extend(range(end - c, end))
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)
 
     def _prefill_span(self, i: int, q_lens: list[int], ctx_lens: list[int], block_tables) -> PrefillSpan:
         n, ctx = q_lens[i], ctx_lens[i]

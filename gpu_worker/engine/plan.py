@@ -1,9 +1,12 @@
 """The per-step plan rank 0 sends to every rank: one packed int64 tensor, never a pickle.
 
 Layout: a 4-int header ``[command, seqs, tokens, max_blocks]`` and a payload
-``[input_ids (tokens) | query_lens (seqs) | context_lens (seqs) | block_tables (seqs * max_blocks)]``.
-Sequences that compute one token (decodes) come first. Positions and cache
-slots are derived from it on every rank, by the same code.
+``[input_ids (tokens) | query_lens (seqs) | context_lens (seqs) | logit_counts (seqs) |
+block_tables (seqs * max_blocks)]``. Sequences that compute one token (decodes) come first.
+Positions and cache slots are derived from it on every rank, by the same code.
+``logit_counts[i]`` is how many of sequence ``i``'s last positions in this step
+get logits: 1 (the position a token is sampled from), or the whole chunk for
+a sequence whose prompt logprobs are being computed.
 """
 from __future__ import annotations
 
@@ -38,8 +41,19 @@ def order_decodes_first(seqs: list[Sequence], num_new: list[int]) -> tuple[list[
     return [seqs[i] for i in order], [num_new[i] for i in order]
 
 
-def pack_step(seqs: list[Sequence], num_new: list[int], block_size: int) -> StepPlan:
-    """Pack one step (decodes first, see :func:`order_decodes_first`) into a plan."""
+def logit_counts_for(seqs: list[Sequence], num_new: list[int]) -> list[int]:
+    """How many trailing positions of each sequence's chunk need logits (see the module docstring)."""
+    return [n if seq.needs_prompt_logits else 1 for seq, n in zip(seqs, num_new)]
+
+
+def pack_step(seqs: list[Sequence], num_new: list[int], block_size: int,
+              logit_counts: list[int] | None = None) -> StepPlan:
+    """Pack one step (decodes first, see :func:`order_decodes_first`) into a plan.
+
+    ``logit_counts`` defaults to one per sequence (the last position of each).
+    """
+    logit_counts = logit_counts or [1] * len(seqs)
+    assert all(1 <= c <= n for c, n in zip(logit_counts, num_new))
     input_ids: list[int] = []
     context_lens: list[int] = []
     for seq, n in zip(seqs, num_new):
@@ -53,7 +67,7 @@ def pack_step(seqs: list[Sequence], num_new: list[int], block_size: int) -> Step
         tables.extend(row)
         tables.extend([0] * (max_blocks - len(row)))
     flat = torch.tensor([Command.STEP, len(seqs), len(input_ids), max_blocks,
-                         *input_ids, *num_new, *context_lens, *tables], dtype=torch.int64)
+                         *input_ids, *num_new, *context_lens, *logit_counts, *tables], dtype=torch.int64)
     return StepPlan(flat[:HEADER_SIZE], flat[HEADER_SIZE:])
 
 
@@ -63,7 +77,7 @@ def shutdown_plan() -> StepPlan:
 
 def payload_size(header: torch.Tensor) -> int:
     _, num_seqs, num_tokens, max_blocks = header.tolist()
-    return num_tokens + 2 * num_seqs + num_seqs * max_blocks
+    return num_tokens + 3 * num_seqs + num_seqs * max_blocks
 
 
 class PlanChannel:

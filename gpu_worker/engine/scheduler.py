@@ -135,7 +135,7 @@ class Scheduler:
             queue = self.waiting[priority]
             while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 seq = queue[0]
-                cached = self.block_manager.match_prefix(seq)
+                cached = [] if seq.needs_prompt_logits else self.block_manager.match_prefix(seq)
                 num_cached = len(cached) * self.block_manager.block_size
                 num_new = min(seq.num_tokens - num_cached, budget)
                 if not self.block_manager.allocate(seq, cached, num_new):

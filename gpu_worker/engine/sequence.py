@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
-from common.results import FinishReason
+from common.results import FinishReason, TokenLogprob
 from common.sampling import SamplingParams
 
 _next_seq_id = itertools.count()
@@ -32,7 +32,9 @@ class Sequence:
     ``num_computed_tokens`` of ``token_ids`` have their keys and values in the
     KV cache; a step computes some of the rest (a prefill chunk, or the one
     newest token when decoding). ``block_table`` lists the cache blocks that
-    hold the sequence, in order.
+    hold the sequence, in order. With ``sampling.prompt_logprobs``,
+    ``prompt_logprobs`` fills up, one entry per prompt token, as prefill
+    steps compute the logits of every prompt position.
     """
 
     request_id: str
@@ -52,10 +54,23 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    prompt_logprobs: list[TokenLogprob] | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.prompt_logprobs = None
+        if self.sampling.prompt_logprobs is not None and self.prompt_token_ids:
+            self.prompt_logprobs = [TokenLogprob(token_id=self.prompt_token_ids[0])]  # nothing precedes it
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """True while some prompt position's logits are still to be computed for ``prompt_logprobs``.
+
+        Such a sequence takes nothing from the prefix cache: its cached
+        positions would have no logits.
+        """
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -71,6 +71,7 @@ class FinishWithoutEngine:
             usage=Usage(prompt_tokens=prompt_tokens, cached_tokens=0, generated_tokens=len(self.tokens)),
             timings=Timings(queue_s=0.0, time_to_first_token_s=0.0, total_s=0.0),
             group=group, attempt=attempt,
+            logprobs=None if self.request.sampling.logprobs is None else [t.token_logprob() for t in self.tokens],
         )
 
 

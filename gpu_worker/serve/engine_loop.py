@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.errors import InvalidRequestError
-from common.results import FinishReason, GenerationResult, TokenEvent
+from common.results import FinishReason, GenerationResult, TokenEvent, TokenLogprob
 from common.sampling import SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.sequence import Priority
@@ -26,13 +26,18 @@ IDLE_WAIT_S = 0.05
 
 @dataclass(frozen=True)
 class Admit:
-    """Start generating for a job (``resume_token_ids``: what an earlier run already streamed)."""
+    """Start generating for a job (``resume_token_ids``: what an earlier run already streamed).
+
+    ``resume_logprobs``: those tokens' log-probabilities as their logged events carry them, for a job
+    that asked for logprobs (see :meth:`LLMEngine.add_request`).
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
     priority: Priority
     resume_token_ids: list[int] = field(default_factory=list)
+    resume_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,8 @@ class EngineLoop:
             return
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling,
-                                    command.priority, resume_token_ids=command.resume_token_ids)
+                                    command.priority, resume_token_ids=command.resume_token_ids,
+                                    resume_logprobs=command.resume_logprobs)
         except InvalidRequestError as exc:  # the request cannot be served here, now or on a retry
             report.rejected.append((command.request_id, str(exc), False))
             return

@@ -41,7 +41,7 @@ from gpu_worker.serve.admission import (
 )
 from gpu_worker.serve.batch_worker import BatchWorker, Claimed, ClaimRefused, Started
 from gpu_worker.serve.engine_loop import Abort, Admit, EngineLoop, StepReport
-from gpu_worker.serve.jobs import engine_job_result, engine_priority, prompt_token_ids
+from gpu_worker.serve.jobs import engine_job_result, engine_priority, prompt_token_ids, resumed_logprobs
 from gpu_worker.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,8 @@ class JobPump(threading.Thread):
             return
         self.running[job.id] = RunningJob(started, request, time.time(), verdict.queued_before_s, len(tokens))
         self.loop.submit(Admit(job.id, prompt, request.sampling, engine_priority(request),
-                               resume_token_ids=[t.token_id for t in tokens]))
+                               resume_token_ids=[t.token_id for t in tokens],
+                               resume_logprobs=resumed_logprobs(request, tokens)))
         if tokens:
             self.metrics.job_resumed()
             job_event(log, "resumed", job.id, queue=started.queue.name, group=self.group, at_token=len(tokens),

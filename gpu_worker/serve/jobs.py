@@ -2,10 +2,11 @@
 and the engine's result into the job's."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from common.errors import InvalidRequestError, TpqError
-from common.results import GenerationResult, JobResult, Timings
+from common.results import GenerationResult, JobResult, Timings, TokenEvent, TokenLogprob
 from common.schemas import GenerationRequest
 from gpu_worker.engine.sequence import Priority
 from gpu_worker.models.tokenizer import Tokenizer
@@ -44,6 +45,16 @@ def prompt_token_ids(tokenizer: Tokenizer, request: GenerationRequest) -> list[i
 def engine_priority(request: GenerationRequest) -> Priority:
     """The scheduler priority of a request: interactive sessions before offline batch jobs."""
     return Priority.INTERACTIVE if request.priority == "interactive" else Priority.BATCH
+
+
+def resumed_logprobs(request: GenerationRequest, tokens: Sequence[TokenEvent]) -> list[TokenLogprob] | None:
+    """The log-probabilities of the tokens an earlier attempt logged, for a request that asked for them.
+
+    An event logged without them (an older worker wrote it) gives an entry with ``logprob`` None.
+    """
+    if request.sampling.logprobs is None:
+        return None
+    return [t.token_logprob() for t in tokens]
 
 
 def engine_job_result(result: GenerationResult, queued_before_s: float, group: str, attempt: int) -> JobResult:

@@ -47,6 +47,7 @@ class StackOptions:
     group_prefix: str = "g"
     log_level: str | None = None  # TPQ_LOG_LEVEL of the stack's processes (default: inherited)
     metrics: bool = True  # /metrics: supervisor on TPQ_SUPERVISOR_METRICS_PORT, group i on TPQ_WORKER_METRICS_PORT + i
+    http_port: int = 0  # the OpenAI-compatible gateway (`tpq gateway`) on this port; 0: none
 
 
 class LocalStack:
@@ -60,6 +61,7 @@ class LocalStack:
         self.redis_url = settings.redis_url or ""
         self.supervisor: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
+        self.gateway: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._supervisor_guard: threading.Thread | None = None
 
@@ -98,7 +100,16 @@ class LocalStack:
             self.workers[name] = self._spawn(["worker", "--group", name, "--tp", str(self.options.tp),
                                               "--metrics-port", str(self.metrics_ports[name]),
                                               *self.options.worker_args])
+        if self.options.http_port:
+            self.gateway = self._spawn(["gateway", "--port", str(self.options.http_port)])
         return self
+
+    @property
+    def gateway_url(self) -> str | None:
+        """The OpenAI-compatible API's base URL while the stack's gateway runs; None without one."""
+        if self.gateway is None or self.gateway.poll() is not None:
+            return None
+        return f"http://{self.settings.http_host}:{self.options.http_port}/v1"
 
     def wait_ready(self, timeout_s: float = 600.0, stop: threading.Event | None = None) -> bool:
         """True once every group heartbeats on all its ranks and the shard map covers every shard;
@@ -123,6 +134,8 @@ class LocalStack:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self.gateway is not None:
+            _terminate([self.gateway], 10.0)
         _terminate(list(self.workers.values()), STOP_GRACE_S)
         if self.supervisor is not None:
             _terminate([self.supervisor], 10.0)

@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-metrics", action="store_true",
                         help="serve no Prometheus /metrics (default: the supervisor on TPQ_SUPERVISOR_METRICS_PORT, "
                              "9460, group i on TPQ_WORKER_METRICS_PORT + i, 9461 + i)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="port of the OpenAI-compatible gateway (default: TPQ_HTTP_PORT, 8000; 0: none)")
     return parser
 
 
@@ -38,6 +40,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.groups < 1:
         parser.error("--groups must be at least 1")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        parser.error(f"--http-port must be in 0..65535 (0: no gateway), got {args.http_port}")
     try:
         settings = get_settings()
     except TpqError as exc:
@@ -48,7 +52,8 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stack = LocalStack(settings, StackOptions(groups=args.groups, tp=args.tp or settings.tp,
-                                              worker_args=worker_args(args), metrics=not args.no_metrics))
+                                              worker_args=worker_args(args), metrics=not args.no_metrics,
+                                              http_port=settings.http_port if args.http_port is None else args.http_port))
     try:
         stack.start()
         print(f"tpq up: waiting for {args.groups} group(s) to load the model ...", flush=True)
@@ -57,6 +62,11 @@ def main(argv: list[str]) -> int:
         print(f"tpq up: ready. Redis {redact_url(stack.redis_url)}; groups {', '.join(stack.group_names)}.\n"
               "  try: tpq generate \"Why is the sky blue?\" --session me   (Ctrl-C here stops everything)",
               flush=True)
+        if stack.gateway_url is not None:
+            print(f"  OpenAI API: {stack.gateway_url} (e.g. openai.OpenAI(base_url=..., api_key='none'))", flush=True)
+        elif stack.options.http_port:
+            print(f"tpq up: the gateway on port {stack.options.http_port} exited (port taken?); running without it",
+                  flush=True)
         served = {name: port for name, port in stack.metrics_ports.items() if port}
         if served:
             print("  metrics: " + ", ".join(f"{name} http://localhost:{port}/metrics" for name, port in served.items()),

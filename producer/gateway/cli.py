@@ -1,0 +1,86 @@
+"""``tpq gateway``: the OpenAI-compatible HTTP gateway on its own (FastAPI served by uvicorn).
+
+It is stateless (all state in Redis), so several replicas can run behind a
+load balancer. It has no API keys yet: it listens on a loopback address
+only, unless ``--allow-anonymous`` (or ``TPQ_HTTP_ALLOW_ANONYMOUS=1``) says
+that anyone who reaches the port may submit jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from common.errors import TpqError
+from common.redis_conn import connect, redact_url
+from common.settings import Settings, get_settings
+from producer.local_stack.stack_info import redis_url_for
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tpq gateway`` argument parser."""
+    parser = argparse.ArgumentParser(prog="tpq gateway", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=None, help="address to listen on (default: TPQ_HTTP_HOST, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: TPQ_HTTP_PORT, 8000)")
+    parser.add_argument("--allow-anonymous", action="store_true", default=None,
+                        help="listen on a non-loopback address without API keys (default: "
+                             "TPQ_HTTP_ALLOW_ANONYMOUS, off)")
+    return parser
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str, allow_anonymous: bool) -> None:
+    """Raise :class:`ValueError` for a non-loopback ``host`` unless anonymous access is allowed."""
+    if is_loopback(host) or allow_anonymous:
+        return
+    raise ValueError(
+        f"refusing to listen on {host}: the gateway has no API keys yet (they come in a later step), so anyone "
+        "who can reach this address could submit jobs. Listen on 127.0.0.1, or pass --allow-anonymous "
+        "(TPQ_HTTP_ALLOW_ANONYMOUS=1) to accept that."
+    )
+
+
+def serve(settings: Settings, host: str, port: int, redis_url: str) -> None:
+    """Run the gateway until SIGINT or SIGTERM."""
+    import uvicorn
+
+    from producer.gateway.app import create_app
+
+    uvicorn.run(create_app(settings, redis_url), host=host, port=port, log_level=settings.log_level.value.lower(),
+                log_config=None, timeout_graceful_shutdown=5)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``tpq gateway``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        parser.error(f"--port must be in 1..65535, got {args.port}")
+    try:
+        settings = get_settings()
+        host = args.host if args.host is not None else settings.http_host
+        port = args.port if args.port is not None else settings.http_port
+        allow = args.allow_anonymous if args.allow_anonymous is not None else settings.http_allow_anonymous
+        check_host(host, allow)
+        url = redis_url_for(settings, "gateway")
+        connect(url, check=True, retries=1).close()
+    except (TpqError, ValueError) as exc:
+        print(f"tpq gateway: {exc}", file=sys.stderr)
+        return 2
+    print(f"tpq gateway: http://{host}:{port}/v1 on Redis {redact_url(url)}", flush=True)
+    serve(settings, host, port, url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
