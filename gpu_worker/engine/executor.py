@@ -107,6 +107,7 @@ class Executor:
         dead = [i + 1 for i, p in enumerate(self._children) if not p.is_alive()]
         self._closed = True
         self._kill_children()
+        destroy_group()  # shutdown() will not run again: without this the process could never start a group again
         raise WorkerGroupError(f"worker group failed: {reason}; dead ranks: {dead or 'none seen'}")
 
     def _kill_children(self) -> None:
