@@ -24,12 +24,13 @@ import os
 import secrets
 import socket
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common import keys
+from common.text import as_optional_text
 
 FENCED_FIELD = "fenced"
 
@@ -183,13 +184,32 @@ def is_fenced(conn: redis.Redis, group: str, incarnation: str) -> bool:
         pipe.hget(keys.group_info(group), FENCED_FIELD)
         pipe.hget(keys.group_info(group), "incarnation")
         fenced, current = pipe.execute()
-    fenced = fenced.decode() if isinstance(fenced, bytes) else fenced
-    if fenced == incarnation:
+    if as_optional_text(fenced) == incarnation:
         return True
     if current is not None:
         current_value = json.loads(current)
         return current_value != incarnation
     return False
+
+
+class GroupRecord(NamedTuple):
+    """What Redis holds of one registered group: its registration, its fence, its ranks' live heartbeats."""
+
+    info: GroupInfo
+    fenced: str | None  # the incarnation in the fence field, if any
+    beats: list[Heartbeat]
+
+
+def read_group_records(conn: redis.Redis) -> dict[str, GroupRecord]:
+    """Every registered group's :class:`GroupRecord`: what a health verdict is judged from (few round trips)."""
+    infos = read_groups(conn)
+    beats = read_heartbeats(conn)
+    with conn.pipeline(transaction=False) as pipe:
+        for name in infos:
+            pipe.hget(keys.group_info(name), FENCED_FIELD)
+        fences = pipe.execute()
+    return {name: GroupRecord(info, as_optional_text(fenced), [b for b in beats if b.group == name])
+            for (name, info), fenced in zip(infos.items(), fences)}
 
 
 def read_shard_map(conn: redis.Redis) -> tuple[int, dict[int, str]]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from common.groups import GroupInfo, Heartbeat
+from common.groups import GroupInfo, GroupRecord, Heartbeat
 
 
 class GroupHealth(str, Enum):
@@ -100,3 +100,10 @@ def judge_group(info: GroupInfo, fenced: str | None, beats: list[Heartbeat], *, 
         return GroupVerdict(GroupHealth.HUNG, f"step stuck at {rank0.step} for {stalled:.1f} s with "
                                               f"{rank0.in_flight} job(s) in flight (hang timeout {hang_after_s:g} s)")
     return GroupVerdict(GroupHealth.LIVE)
+
+
+def judge_groups(records: dict[str, GroupRecord], *, now: float, heartbeat_ttl_s: float,
+                 hang_after_s: float) -> dict[str, GroupVerdict]:
+    """:func:`judge_group` of every group in ``records`` (as :func:`common.groups.read_group_records` reads them)."""
+    return {name: judge_group(r.info, r.fenced, r.beats, now=now, heartbeat_ttl_s=heartbeat_ttl_s,
+                              hang_after_s=hang_after_s) for name, r in records.items()}

@@ -37,9 +37,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from common import keys
-from common.groups import FENCED_FIELD, read_groups, read_heartbeats, read_shard_map
-from common.health import GroupHealth, judge_group
-from common.text import as_optional_text, as_text
+from common.groups import read_group_records, read_heartbeats, read_shard_map
+from common.health import GroupHealth, judge_groups
+from common.text import as_text
 
 log = logging.getLogger(__name__)
 
@@ -321,15 +321,10 @@ def redis_state_samples(conn: redis.Redis, num_shards: int, heartbeat_ttl_s: flo
     now = time.time()
     beats = read_heartbeats(conn)
     samples += [(RedisState.HEARTBEAT_AGE, [b.group, str(b.rank)], max(0.0, now - b.ts)) for b in beats]
-    groups = read_groups(conn)
-    with conn.pipeline(transaction=False) as pipe:
-        for name in groups:
-            pipe.hget(keys.group_info(name), FENCED_FIELD)
-        fences = dict(zip(groups, pipe.execute()))
+    verdicts = judge_groups(read_group_records(conn), now=now, heartbeat_ttl_s=heartbeat_ttl_s,
+                            hang_after_s=hang_after_s)
     epoch, shard_map = read_shard_map(conn)
-    for name, info in groups.items():
-        verdict = judge_group(info, as_optional_text(fences[name]), [b for b in beats if b.group == name], now=now,
-                              heartbeat_ttl_s=heartbeat_ttl_s, hang_after_s=hang_after_s)
+    for name, verdict in verdicts.items():
         samples.append((RedisState.GROUP_UP, [name], 1 if verdict.health is GroupHealth.LIVE else 0))
         samples.append((RedisState.GROUP_SHARDS, [name], sum(1 for g in shard_map.values() if g == name)))
     samples.append((RedisState.MAP_EPOCH, [], epoch))

@@ -19,11 +19,10 @@ import redis
 
 from common import keys
 from common.errors import TpqError
-from common.groups import FENCED_FIELD, read_groups, read_heartbeats, read_shard_map
-from common.health import GroupHealth, judge_group
+from common.groups import read_group_records, read_shard_map
+from common.health import GroupHealth, judge_groups
 from common.redis_conn import connect
 from common.settings import Settings, get_settings
-from common.text import as_optional_text
 from producer.local_stack.stack_info import redis_url_for
 
 
@@ -49,22 +48,16 @@ def check(conn: redis.Redis, settings: Settings, groups: list[str] | None = None
     fine: list[str] = []
     live: set[str] = set()
     if not supervisor_only:
-        infos = read_groups(conn)
-        beats = read_heartbeats(conn)
-        with conn.pipeline(transaction=False) as pipe:
-            for name in infos:
-                pipe.hget(keys.group_info(name), FENCED_FIELD)
-            fences = {name: as_optional_text(raw) for name, raw in zip(infos, pipe.execute())}
-        names = groups or sorted(infos)
+        records = read_group_records(conn)
+        verdicts = judge_groups(records, now=now, heartbeat_ttl_s=settings.heartbeat_ttl_s, hang_after_s=hang_after_s)
+        names = groups or sorted(records)
         if not names:
             problems.append("no worker group is registered (start one with `tpq worker`, or `tpq up`)")
         for name in names:
-            info = infos.get(name)
-            if info is None:
+            verdict = verdicts.get(name)
+            if verdict is None:
                 problems.append(f"group {name} is not registered (not started, still loading its model, or stopped)")
                 continue
-            verdict = judge_group(info, fences[name], [b for b in beats if b.group == name], now=now,
-                                  heartbeat_ttl_s=settings.heartbeat_ttl_s, hang_after_s=hang_after_s)
             if verdict.health is GroupHealth.LIVE:
                 live.add(name)
             if verdict.health.ok:

@@ -16,27 +16,25 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 
 from common import keys
 from common.errors import TpqError
-from common.groups import FENCED_FIELD, read_groups, read_heartbeats, read_shard_map, shards_of
-from common.health import GroupHealth, judge_group
+from common.groups import read_group_records, read_shard_map, shards_of
+from common.health import GroupHealth, judge_groups
 from common.redis_conn import connect, redact_url
 from common.settings import Settings, get_settings
-from common.text import as_optional_text
 from producer.local_stack.stack_info import redis_url_for
 
 
 def collect_status(conn: redis.Redis, settings: Settings) -> dict[str, Any]:
     """Everything ``tpq status`` shows, as JSON-safe data (no secrets: the URL is redacted by the caller)."""
     now = time.time()
-    groups = read_groups(conn)
-    beats = read_heartbeats(conn)
+    records = read_group_records(conn)
+    verdicts = judge_groups(records, now=now, heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                            hang_after_s=settings.hang_timeout_s)
     epoch, shard_map = read_shard_map(conn)
-    fenced = {name: conn.hget(keys.group_info(name), FENCED_FIELD) for name in groups}
     group_rows = []
-    for name, info in groups.items():
-        ranks = [b for b in beats if b.group == name and b.incarnation == info.incarnation]
+    for name, (info, _fenced, beats) in records.items():
+        ranks = [b for b in beats if b.incarnation == info.incarnation]
         rank0 = next((b for b in ranks if b.rank == 0), None)
-        verdict = judge_group(info, as_optional_text(fenced[name]), ranks, now=now,
-                              heartbeat_ttl_s=settings.heartbeat_ttl_s, hang_after_s=settings.hang_timeout_s)
+        verdict = verdicts[name]
         group_rows.append({
             "group": name, "incarnation": info.incarnation, "state": "up" if verdict.health.processes_up else "down",
             "health": verdict.health.value, "health_reason": verdict.reason, "tp": info.tp,

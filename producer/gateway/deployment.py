@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from common import keys
-from common.groups import FENCED_FIELD, GroupInfo, read_groups, read_heartbeats
-from common.health import GroupVerdict, judge_group
+from common.groups import GroupInfo, read_group_records
+from common.health import GroupVerdict, judge_groups
 from common.settings import Settings
-from common.text import as_optional_text
 
 
 @dataclass(frozen=True)
@@ -49,15 +47,7 @@ class Deployment:
 def read_deployment(conn: redis.Redis, settings: Settings, now: float | None = None) -> Deployment:
     """Every registered group and its verdict (heartbeat TTL and hang timeout from ``settings``)."""
     now = time.time() if now is None else now
-    infos = read_groups(conn)
-    beats = read_heartbeats(conn)
-    with conn.pipeline(transaction=False) as pipe:
-        for name in infos:
-            pipe.hget(keys.group_info(name), FENCED_FIELD)
-        fences = {name: as_optional_text(raw) for name, raw in zip(infos, pipe.execute())}
-    groups = {}
-    for name, info in infos.items():
-        verdict = judge_group(info, fences[name], [b for b in beats if b.group == name], now=now,
-                              heartbeat_ttl_s=settings.heartbeat_ttl_s, hang_after_s=settings.hang_timeout_s)
-        groups[name] = (info, verdict)
-    return Deployment(groups)
+    records = read_group_records(conn)
+    verdicts = judge_groups(records, now=now, heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                            hang_after_s=settings.hang_timeout_s)
+    return Deployment({name: (record.info, verdicts[name]) for name, record in records.items()})
