@@ -9,7 +9,7 @@ COPY common ./common
 COPY producer ./producer
 COPY router ./router
 COPY gpu_worker ./gpu_worker
-RUN pip install . \
+RUN pip install '.[worker]' \
     && useradd --create-home --uid 1000 tpq \
     && mkdir -p /cache /data \
     && chown tpq /cache /data

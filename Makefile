@@ -9,9 +9,9 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# The CPU build of torch first (it lies on this machine's disk), then the project.
+	# The CPU build of torch first (it lies on this machine's disk), then the project with the worker's extra.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[worker,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -10,6 +10,7 @@ The supervisor and client commands run with unpickling disabled
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -36,6 +37,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 # (`worker` spawns ranks that unpickle their start-up handshake: its rank 0 disables pickle after that.)
 PICKLE_FREE_COMMANDS = frozenset({"supervisor", "up", "demo", "generate", "chat", "batch", "status", "health",
                                   "gateway"})
+
+# Commands that run the engine (or start processes that do): they need `pip install 'tpqueue[worker]'`.
+WORKER_COMMANDS = frozenset({"model", "local", "worker", "up", "demo"})
+WORKER_EXTRA_MODULE = "torch"
 
 # global option -> (environment variable it sets for this process and its children, valid values)
 GLOBAL_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -69,6 +74,14 @@ def split_global_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return found, rest
 
 
+def has_worker_extra() -> bool:
+    """Whether the worker's dependencies are installed (the ``worker`` extra), without importing them."""
+    try:
+        return importlib.util.find_spec(WORKER_EXTRA_MODULE) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -82,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
         print(f"tpq: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    if command in WORKER_COMMANDS and not has_worker_extra():
+        print(f"tpq {command}: this command runs the model, which needs the worker's dependencies (torch, "
+              "transformers, ...): pip install 'tpqueue[worker]' (from a checkout: pip install '.[worker]')",
+              file=sys.stderr)
         return 2
     os.environ.update(env)  # the processes this command starts (groups, ranks, supervisor) log the same way
     configure_logging()
