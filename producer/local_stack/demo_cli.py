@@ -1,16 +1,24 @@
 """``tpq demo``: the whole pipeline end to end on this machine, then shut down.
 
 It brings the local stack up (an embedded redis-server unless TPQ_REDIS_URL
-is set, the supervisor, one worker group), streams one chat answer, runs a
-100-prompt offline batch with a progress bar, prints throughput and latency
+is set, the supervisor, one worker group, the OpenAI-compatible gateway),
+streams one chat answer through the Python client, one through the
+``openai`` SDK and the gateway, makes one ``curl`` call, runs a 100-prompt
+offline batch with a progress bar, prints throughput and latency
 percentiles, and stops everything.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import shutil
 import statistics
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 from tqdm import tqdm
 
@@ -18,9 +26,12 @@ from common.errors import TpqError
 from common.results import JobResult
 from common.settings import get_settings
 from producer import Client, Session
+from producer.local_stack.embedded_redis import free_port
 from producer.local_stack.stack import LocalStack, StackError, StackOptions
 
 QUESTION = "In two sentences, why do language model servers batch requests?"
+HTTP_QUESTION = "Name three uses of a message queue, in one sentence."
+GATEWAY_READY_S = 60.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,13 +52,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per batch answer (default 32)")
     args = parser.parse_args(argv)
     settings = get_settings()
-    stack = LocalStack(settings, StackOptions(groups=1, tp=args.tp, log_level="WARNING"))
+    stack = LocalStack(settings, StackOptions(groups=1, tp=args.tp, log_level="WARNING", http_port=free_port()))
     try:
         stack.start()
         print(f"[demo] starting Redis, the supervisor and a worker group (tp={args.tp}) ...", flush=True)
         stack.wait_ready()
         with Client(stack.redis_url, settings=settings) as client:
             chat(client)
+            over_http(stack)
             batch(client, args.prompts, args.max_tokens)
     except (StackError, TpqError) as exc:
         print(f"[demo] failed: {exc}", file=sys.stderr)
@@ -68,6 +80,57 @@ def chat(client: Client) -> None:
     result = handle.result(timeout=120)
     print(f"\n[demo] {result.usage.generated_tokens} tokens from group {result.group}; first token after "
           f"{result.timings.time_to_first_token_s * 1000:.0f} ms\n")
+
+
+def over_http(stack: LocalStack) -> None:
+    """The same model through the gateway: a streamed answer with the ``openai`` SDK, then one ``curl`` call."""
+    base_url = wait_for_gateway(stack)
+    try:
+        import openai  # the dev extra brings it (make demo installs it); the gateway itself does not need it
+    except ImportError:
+        print("[demo] the openai package is not installed (pip install openai): skipping its part\n")
+    else:
+        for name in ("httpx", "httpx2"):  # the SDK's HTTP client logs every request at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
+        sdk = openai.OpenAI(base_url=base_url, api_key="none")
+        sdk_model = sdk.models.list().data[0].id
+        print(f"[demo] the same through the gateway at {base_url}, with the openai SDK (model {sdk_model!r})\n"
+              f"user> {HTTP_QUESTION}\nmodel> ", end="", flush=True)
+        for chunk in sdk.chat.completions.create(model=sdk_model, messages=[{"role": "user", "content": HTTP_QUESTION}],
+                                                 max_tokens=64, temperature=0, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print("\n")
+    with urllib.request.urlopen(f"{base_url}/models", timeout=10) as response:
+        model = json.loads(response.read())["data"][0]["id"]
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    command = ["curl", "-sS", f"{base_url}/completions", "-H", "Content-Type: application/json",
+               "-d", json.dumps(body)]
+    print("[demo] " + " ".join(command[:3]) + " -H 'Content-Type: application/json' -d '" + command[-1] + "'")
+    if shutil.which("curl") is None:
+        print("[demo] curl is not installed: skipping the call\n")
+        return
+    reply = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout)
+    print(f"[demo] -> {reply['choices'][0]['text']!r} ({reply['usage']['completion_tokens']} tokens, "
+          f"finish_reason {reply['choices'][0]['finish_reason']!r})\n")
+
+
+def wait_for_gateway(stack: LocalStack) -> str:
+    """The gateway's base URL once its ``/health`` answers 200; :class:`StackError` if it does not in time."""
+    deadline = time.monotonic() + GATEWAY_READY_S
+    while True:
+        base_url = stack.gateway_url
+        if base_url is None:
+            raise StackError(f"the gateway on port {stack.options.http_port} exited (port taken?)")
+        try:
+            with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return base_url
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise StackError(f"the gateway at {base_url} did not answer /health within {GATEWAY_READY_S:.0f} s")
+        time.sleep(0.2)
 
 
 def batch(client: Client, count: int, max_tokens: int) -> None:
