@@ -171,11 +171,9 @@ class LLMEngine:
         seqs, num_new = order_decodes_first(batch.seqs, batch.num_new_tokens)
         batch.seqs, batch.num_new_tokens = seqs, num_new
         counts = logit_counts_for(seqs, num_new)
-        starts = [seq.num_computed_tokens for seq in seqs]
         logits = self.executor.execute(pack_step(seqs, num_new, self.config.block_size, counts))  # [rows, vocab]
-        last_rows = list(itertools.accumulate(counts, initial=-1))[1:]  # each sequence's last row
         if any(seq.needs_prompt_logits for seq in seqs):
-            self._collect_prompt_logprobs(logits, seqs, num_new, counts, starts)
+            self._collect_prompt_logprobs(logits, seqs, num_new, counts)
         rows = self.scheduler.on_step_done(batch)
         self.stats.steps += 1
         self.stats.computed_tokens += sum(num_new)
@@ -184,7 +182,12 @@ class LLMEngine:
         self.stats.generated_tokens += len(rows)
         if rows:
             sampled = [seqs[i] for i in rows]
-            sample_logits = logits if len(rows) == len(logits) else logits[[last_rows[i] for i in rows]]
+            if len(logits) != len(seqs):  # some chunks got a row per position: find each sequence's last
+                last_rows = list(itertools.accumulate(counts))  # each sequence's last row + 1
+                rows_of_sampled = [last_rows[i] - 1 for i in rows]
+            else:
+                rows_of_sampled = rows
+            sample_logits = logits if len(rows_of_sampled) == len(logits) else logits[rows_of_sampled]
             tokens = self.sampler(sample_logits, sampled)
             logprobs = self._sampled_logprobs(sample_logits, sampled, tokens)
             sampled_at = time.time()
@@ -193,13 +196,15 @@ class LLMEngine:
         return output
 
     @staticmethod
-    def _collect_prompt_logprobs(logits, seqs: list[Sequence], num_new: list[int], counts: list[int],
-                                 starts: list[int]) -> None:
-        """Append to each sequence's ``prompt_logprobs`` what this step's logits rows give (all in one batch)."""
+    def _collect_prompt_logprobs(logits, seqs: list[Sequence], num_new: list[int], counts: list[int]) -> None:
+        """Append to each sequence's ``prompt_logprobs`` what this step's logits rows give (all in one batch).
+
+        Called before the scheduler records the step, so ``num_computed_tokens`` is still where the chunk starts.
+        """
         wanted, queued, first_row = LogprobRequests(), [], 0
-        for seq, n, count, start in zip(seqs, num_new, counts, starts):
+        for seq, n, count in zip(seqs, num_new, counts):
             if seq.needs_prompt_logits:
-                queued.append((seq, prompt_rows(seq, start + n - count, first_row, count, wanted)))
+                queued.append((seq, prompt_rows(seq, seq.num_computed_tokens + n - count, first_row, count, wanted)))
             first_row += count
         results = iter(compute_logprobs(logits, wanted))
         for seq, num in queued:
