@@ -10,6 +10,7 @@ import redis
 from common.settings import get_settings
 from producer.local_stack.embedded_redis import RedisServer
 from producer.local_stack.stack import LocalStack, StackOptions
+from tests.doubles import ProtocolWorker
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +31,14 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     with redis_server.client() as client:
         client.flushall()
     yield redis_server.url
+
+
+@pytest.fixture
+def worker(redis_url: str) -> Iterator[ProtocolWorker]:
+    """Plays a worker group through the wire protocol alone (no model): see tests/doubles.py."""
+    w = ProtocolWorker(redis_url)
+    yield w
+    w.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import httpx
 import openai
@@ -19,7 +18,6 @@ import redis
 from common import keys
 from common.settings import get_settings
 from producer import Client
-from tests.doubles import ProtocolWorker
 from tests.gateway.conftest import FAKE_MODEL, register_fake_group, wait_for
 from tests.gateway.sse import content_of, sse_events
 
@@ -36,13 +34,6 @@ def sdk(start_gateway, redis_url):
         return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
     return make
-
-
-@pytest.fixture
-def worker(redis_url: str) -> Iterator[ProtocolWorker]:
-    w = ProtocolWorker(redis_url)
-    yield w
-    w.close()
 
 
 # ------------------------------------------------------------------ answers

@@ -8,7 +8,6 @@ import redis
 
 from common.settings import get_settings
 from producer import Client
-from tests.doubles import ProtocolWorker
 
 
 @pytest.fixture
@@ -23,9 +22,3 @@ def raw(redis_url: str) -> Iterator[redis.Redis]:
         yield r
 
 
-@pytest.fixture
-def worker(redis_url: str) -> Iterator[ProtocolWorker]:
-    """Plays a worker group through the wire protocol alone (no model): see tests/doubles.py."""
-    w = ProtocolWorker(redis_url)
-    yield w
-    w.close()
