@@ -34,6 +34,15 @@ class QueueFull(TpqError, RuntimeError):
         self.limit = limit
 
 
+REFUSED = "the model cannot run this request: "
+"""How a worker's failure message begins when the request itself is at fault (a retry would fail alike)."""
+
+
+def refusal(why: str) -> str:
+    """The failure message of a job its worker refused for what the request asks (see :attr:`JobFailed.refused`)."""
+    return REFUSED + why
+
+
 class JobFailed(TpqError, RuntimeError):
     """A job ended FAILED, or its token stream ended with an error: ``error`` holds the worker's message."""
 
@@ -41,6 +50,12 @@ class JobFailed(TpqError, RuntimeError):
         super().__init__(message)
         self.job_id = job_id
         self.error = error
+
+    @property
+    def refused(self) -> bool:
+        """Whether the worker refused the request for what it asks (too long a prompt for the model's
+        context, a prompt that encodes to nothing): the client's fault, not the worker's."""
+        return REFUSED in self.error or REFUSED in str(self)
 
 
 class JobCancelled(TpqError, RuntimeError):

@@ -27,7 +27,7 @@ import redis
 
 from common import keys
 from common.claims import return_claimed
-from common.errors import TpqError
+from common.errors import TpqError, refusal
 from common.groups import is_fenced, read_shard_map, shards_of
 from common.logs import job_event
 from common.metrics import GroupMetrics
@@ -178,7 +178,8 @@ class JobPump(threading.Thread):
             for job_id, why, retryable in report.rejected:
                 job = self.running.pop(job_id, None)
                 if job is not None:
-                    self._fail(job.started.job, job.started.queue, f"the engine refused the request: {why}",
+                    message = f"the engine failed on the request: {why}" if retryable else refusal(why)
+                    self._fail(job.started.job, job.started.queue, message,
                                retry=retryable and bool(job.started.job.retries_left), num_tokens=job.resumed_tokens)
 
     def _succeed(self, result: GenerationResult) -> None:
@@ -356,7 +357,8 @@ class JobPump(threading.Thread):
         try:
             prompt = prompt_token_ids(self.tokenizer, request)
         except (TpqError, ValueError) as exc:  # a prompt this model cannot take: a retry would fail the same way
-            self._fail(job, started.queue, f"{type(exc).__name__}: {exc}", retry=False, num_tokens=len(tokens))
+            self._fail(job, started.queue, refusal(f"{type(exc).__name__}: {exc}"), retry=False,
+                       num_tokens=len(tokens))
             return
         except Exception as exc:  # noqa: BLE001 - unexpected: fail this job (retried while it has retries), not the pump
             log.exception("job %s: preparing its prompt failed", job.id)

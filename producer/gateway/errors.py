@@ -77,6 +77,8 @@ def from_tpq_error(error: TpqError) -> APIError:
         return APIError(409, str(error), code="cancelled", type_="conflict_error")
     if isinstance(error, ResultTimeout):
         return APIError(504, str(error), code="timeout", type_="timeout_error")
+    if isinstance(error, JobFailed) and error.refused:  # too long a prompt for the model, say: the client's fault
+        return bad_request(f"the job failed: {error.error or error}", code="request_refused_by_model")
     if isinstance(error, JobFailed):
         return APIError(500, f"the job failed: {error.error or error}", code="job_failed")
     return APIError(500, str(error), code="internal_error")
