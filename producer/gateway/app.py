@@ -29,6 +29,7 @@ from common.metrics import GATEWAY_REGISTRY, HTTP_LATENCY, HTTP_REQUESTS
 from common.redis_conn import connect
 from common.settings import Settings, get_settings
 from producer.async_client import AsyncClient
+from producer.gateway import openapi
 from producer.gateway.completions import Completions
 from producer.gateway.errors import APIError, bad_request, from_tpq_error
 from producer.gateway.params import Kind, parse_chat, parse_completion
@@ -125,7 +126,9 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         finally:
             await app.state.completions.aclose()
 
-    app = FastAPI(title="tpqueue gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tpqueue gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    openapi.install(app)
     app.add_middleware(_Metrics)
     _install_error_handlers(app)
 
