@@ -200,8 +200,11 @@ class ConnectOptions:
     retries: int = DEFAULT_RETRIES
     backoff_base_s: float = DEFAULT_BACKOFF_BASE_S
     backoff_cap_s: float = DEFAULT_BACKOFF_CAP_S
+    max_connections: int | None = None  # None: a connection per concurrent command; else they wait for one
 
     def __post_init__(self) -> None:
+        if self.max_connections is not None and self.max_connections < 1:
+            raise InvalidConfigError(f"max_connections must be >= 1 or None, got {self.max_connections}")
         if self.retries < 0:
             raise InvalidConfigError(f"retries must be >= 0, got {self.retries}")
         if not (0 < self.backoff_base_s <= self.backoff_cap_s):
@@ -263,7 +266,12 @@ def connect(url: str, *, check: bool = False, **options: Any) -> redis.Redis:
     parse_redis_url(url)
     opts = ConnectOptions(**options)
     retry = _Retry(opts.backoff, opts.retries, _RETRY_ERRORS)
-    client = redis.Redis.from_url(url, retry=retry, **opts.client_kwargs())
+    if opts.max_connections is None:
+        client = redis.Redis.from_url(url, retry=retry, **opts.client_kwargs())
+    else:  # a bounded pool: a command waits for a free connection (timeout None: as long as it takes)
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=opts.max_connections, timeout=None,
+                                                     retry=retry, **opts.client_kwargs())
+        client = redis.Redis(connection_pool=pool, retry=retry)
     if client.connection_pool.connection_class is redis.SSLConnection:
         client.connection_pool.connection_class = _TlsConnection
     if check:
@@ -284,7 +292,11 @@ def async_connect(url: str, **options: Any) -> redis.asyncio.Redis:
     parse_redis_url(url)
     opts = ConnectOptions(**options)
     retry = _AsyncRetry(opts.backoff, opts.retries, _RETRY_ERRORS)
-    return redis.asyncio.Redis.from_url(url, retry=retry, **opts.client_kwargs())
+    if opts.max_connections is None:
+        return redis.asyncio.Redis.from_url(url, retry=retry, **opts.client_kwargs())
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=opts.max_connections, timeout=None,
+                                                         retry=retry, **opts.client_kwargs())
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def _unavailable(url: str, error: Exception) -> RedisUnavailableError:

@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     http_host: str = Field(
         "127.0.0.1", min_length=1, max_length=255,
         description="Address the OpenAI-compatible gateway listens on (`tpq gateway --host`); a non-loopback "
-        "address needs http_allow_anonymous until API keys exist.",
+        "address needs an API key (`tpq keys create`) or http_allow_anonymous.",
     )
     http_port: int = Field(
         8000, ge=0, le=65535,
@@ -145,6 +145,11 @@ class Settings(BaseSettings):
         False, description="Let the gateway listen on a non-loopback address without API keys (anyone who reaches "
         "the port can submit jobs).",
     )
+    client_pool_size: int = Field(
+        3, ge=1, le=1024,
+        description="Connections an asyncio client (and so a gateway) uses for its commands; its streams share "
+        "one more (pub/sub) and its result waits another, however many there are.",
+    )
     http_disconnect_grace_s: float = Field(
         10.0, ge=0, le=DAY_S,
         description="Seconds a streamed completion runs on after its HTTP client disconnects, waiting for a resume "
@@ -153,6 +158,15 @@ class Settings(BaseSettings):
     http_max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, le=1024**3,
         description="Largest HTTP request body the gateway reads; a bigger one gets 413.",
+    )
+    http_max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, le=512 * 1024**2,
+        description="Largest file the gateway's Batch API accepts (POST /v1/files); a bigger one gets 413.",
+    )
+    http_batch_lease_s: float = Field(
+        10.0, ge=0.5, le=600,
+        description="Seconds a gateway replica's lease on a Batch API batch lasts unrenewed; after a replica dies, "
+        "another carries its batches on once this passes.",
     )
     log_format: LogFormat = Field(LogFormat.TEXT, description="'text' or 'json' log lines.")
     log_level: LogLevel = Field(LogLevel.INFO, description="DEBUG, INFO, WARNING or ERROR.")

@@ -44,10 +44,13 @@ class Client:
     ``url`` defaults to ``settings.redis_url``; ``settings`` defaults to
     :func:`get_settings` (the ``TPQ_*`` environment). Raises
     :class:`InvalidConfigError` when no Redis URL is given either way. Use as
-    a context manager, or call :meth:`close`.
+    a context manager, or call :meth:`close`. ``max_connections`` bounds
+    its command connections (None: one per concurrent command; threads then
+    wait for a free one); ``name`` names them in CLIENT LIST.
     """
 
-    def __init__(self, url: str | None = None, settings: Settings | None = None) -> None:
+    def __init__(self, url: str | None = None, settings: Settings | None = None, *,
+                 max_connections: int | None = None, name: str = "tpq-producer") -> None:
         self.settings = settings if settings is not None else get_settings()
         url = url if url is not None else self.settings.redis_url
         if url is None:
@@ -55,7 +58,7 @@ class Client:
                 "no Redis URL: pass Client(url=...) or set TPQ_REDIS_URL (e.g. redis://localhost:6379/0)"
             )
         self.url = url
-        self.redis = connect(url, client_name="tpq-producer")
+        self.redis = connect(url, client_name=name, max_connections=max_connections)
         self._stream_redis: redis.Redis | None = None
         self._enqueuer = Enqueuer(self.redis, self.settings)
         log.info("tpqueue client for %s (%d shards)", redact_url(url), self.settings.num_shards)
@@ -88,11 +91,13 @@ class Client:
         request_id: str | None = None,
         priority: str | None = None,
         deadline_unix_s: float | None = None,
+        prompt_token_ids: Iterable[int] | None = None,
         **sampling: Any,
     ) -> GenerationRequest:
         """The validated request :meth:`submit` would enqueue (with a generated id if none given).
 
-        Give ``prompt`` (text) or ``messages`` (chat turns), not both. Extra
+        Give one of ``prompt`` (text), ``messages`` (chat turns) and
+        ``prompt_token_ids`` (the model's token ids, used as they are). Extra
         keyword arguments are :class:`~common.sampling.SamplingParams` fields
         (``temperature``, ``max_tokens``, ...); a sampled request without a
         ``seed`` gets a random one, stored with the job, so that a run after
@@ -108,6 +113,8 @@ class Client:
             "priority": priority,
             "deadline_unix_s": deadline_unix_s,
         }
+        if prompt_token_ids is not None:
+            data["prompt_token_ids"] = listed(prompt_token_ids)
         return checked(parse_request(data), self.settings)
 
     def submit(self, prompt: str | None = None, *, wait_s: float = 0.0, subscribe: bool = False,

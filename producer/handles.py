@@ -7,7 +7,6 @@ in how they wait.
 """
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from common import keys
@@ -139,12 +138,13 @@ class AsyncJobHandle(_Handle):
         return self._stream_from(timeout, start)
 
     def _discard(self, stream: AsyncTokenStream) -> None:
-        pass  # closing needs an await: it is dropped, and its pub/sub connection closed when collected
+        self._client._close_later(stream)  # closing needs an await: the client runs it in the background
 
     async def result(self, timeout: float | None = None) -> JobResult:
         """Wait for the :class:`JobResult` (see :meth:`producer.JobHandle.result` for the errors)."""
-        return await run_async(wait_result(self._client.redis, self.id, timeout))
+        client = self._client
+        return await run_async(wait_result(client.redis, self.id, timeout, client._results.xread))
 
     async def cancel(self) -> bool:
         """Cancel the job (see :meth:`producer.JobHandle.cancel`); runs rq's ``Job.cancel`` in a thread."""
-        return await asyncio.to_thread(self._sync.cancel)
+        return await self._client.run_sync(self._sync.cancel)

@@ -8,7 +8,7 @@ without I/O; :func:`wait_result` is the plan (:mod:`producer.redis_io`) that
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
 
@@ -223,16 +223,20 @@ def result_timeout(job_id: str, state: JobState | str, timeout: float) -> Result
     )
 
 
-def wait_result(conn: Any, job_id: str, timeout: float | None) -> Plan[JobResult]:
+def wait_result(conn: Any, job_id: str, timeout: float | None,
+                blocking_xread: Callable[..., Any] | None = None) -> Plan[JobResult]:
     """The plan of ``result()``: wait for ``job_id``'s :class:`JobResult` (``timeout`` seconds at most).
 
     Reads the status, then the result stream (one round trip: a FINISHED or
     FAILED status seen has its entry in the read after it); then waits up to
     :data:`IDLE_S` in a blocking XREAD and reads both again. Raises the
     verdict's error (:class:`JobFailed`, :class:`JobCancelled`,
-    :class:`JobNotFound`) or :class:`ResultTimeout`.
+    :class:`JobNotFound`) or :class:`ResultTimeout`. ``blocking_xread``
+    carries out the blocking XREAD (default ``conn.xread``; an asyncio client
+    gives its :class:`producer.result_waiter.ResultWaiter`'s).
     """
     timeout = check_timeout(timeout)
+    xread = blocking_xread if blocking_xread is not None else conn.xread
     deadline = None if timeout is None else time.monotonic() + timeout
     watch = ResultWatch(job_id)
     result_key, job_key = keys.rq_result_key(job_id), keys.rq_job_key(job_id)
@@ -254,6 +258,6 @@ def wait_result(conn: Any, job_id: str, timeout: float | None) -> Plan[JobResult
         if left is not None and left <= 0:
             raise result_timeout(job_id, state, timeout)  # type: ignore[arg-type]
         block_ms = max(1, int((IDLE_S if left is None else min(IDLE_S, left)) * 1000))
-        watch.feed_xread((yield Call(lambda: conn.xread({result_key: watch.last_id}, block=block_ms))))
+        watch.feed_xread((yield Call(lambda: xread({result_key: watch.last_id}, block=block_ms))))
         if isinstance(verdict := watch.verdict(), JobResult):
             return verdict
