@@ -34,6 +34,25 @@ completion(c)          ``tpq:completion:<c>``           string (JSON) with TTL: 
                                                         HTTP completion ``c`` (its jobs, kind, model)
 stream_attach(c)       ``tpq:attach:<c>``               string (INCR) with TTL: HTTP streams that
                                                         attached to completion ``c`` (disconnect grace)
+api_key_names()        ``tpq:keynames``                 hash: API key name -> its key id (the SHA-256
+                                                        hex digest of the key; never the key itself)
+api_key(k)             ``tpq:apikey:<k>``               hash: the record of API key ``k`` (name, prefix,
+                                                        created, rpm, tpm, priority)
+rate_limit(k)          ``tpq:ratelimit:<k>``            hash with TTL: API key ``k``'s request and token
+                                                        buckets (levels and when they were last filled)
+api_file(f)            ``tpq:file:<f>``                 hash: an uploaded (or batch output) file of the
+                                                        Batch API: its object's fields and ``content``
+api_files()            ``tpq:files``                    sorted set: file ids, newest first (listing)
+api_batch(b)           ``tpq:apibatch:<b>``             hash: the state of an HTTP Batch API batch
+                                                        (status, timestamps, counts, files, errors)
+api_batches()          ``tpq:apibatches``               sorted set: HTTP batch ids, newest first (listing)
+api_batches_open()     ``tpq:apibatchopen``             set: HTTP batches not yet final (the keepers' work)
+api_batch_lines(b)     ``tpq:apibatchlines:<b>``        list: batch ``b``'s checked input lines (JSON)
+api_batch_output(b)    ``tpq:apibatchout:<b>``          hash: custom_id -> output line, each written once
+api_batch_lease(b)     ``tpq:lock:apibatch:<b>``        string (SET NX PX): the gateway replica driving
+                                                        batch ``b``
+vocab(m)               ``tpq:vocab:<m>``                hash: model ``m``'s vocabulary (token id -> bytes),
+                                                        published by its worker groups for the gateway
 =====================  ===============================  ==========================================
 
 ``<s>`` is a shard number in ``[0, num_shards)``; ``<j>`` a job id (see
@@ -80,6 +99,18 @@ CLAIMED_JOBS_PREFIX = "tpq:claimed:"
 JOB_COUNTER_PREFIX = "tpq:count:"
 COMPLETION_PREFIX = "tpq:completion:"
 STREAM_ATTACH_PREFIX = "tpq:attach:"
+API_KEY_NAMES = "tpq:keynames"
+API_KEY_PREFIX = "tpq:apikey:"
+RATE_LIMIT_PREFIX = "tpq:ratelimit:"
+API_FILE_PREFIX = "tpq:file:"
+API_FILES = "tpq:files"
+API_BATCH_PREFIX = "tpq:apibatch:"
+API_BATCHES = "tpq:apibatches"
+API_BATCHES_OPEN = "tpq:apibatchopen"
+API_BATCH_LINES_PREFIX = "tpq:apibatchlines:"
+API_BATCH_OUTPUT_PREFIX = "tpq:apibatchout:"
+API_BATCH_LEASE_PREFIX = "tpq:lock:apibatch:"
+VOCAB_PREFIX = "tpq:vocab:"
 JOB_COUNTERS = ("enqueued", "cancelled")  # what clients count per queue (see job_counter)
 
 MAX_NUM_SHARDS = 4096
@@ -87,6 +118,7 @@ MAX_JOB_ID_CHARS = 128
 MAX_SESSION_ID_CHARS = 1024
 MAX_GROUP_NAME_CHARS = 64
 MAX_RANK = 4095
+MAX_MODEL_NAME_CHARS = 1024
 
 # rq 2.12 accepts only [A-Za-z0-9_-] in job ids (rq.job.JOB_ID_PATTERN) and
 # splits execution ids on ':', so tpqueue ids use that same alphabet.
@@ -351,3 +383,87 @@ def stream_attach(completion_id: str) -> str:
     count is unchanged and the completion's jobs are cancelled.
     """
     return f"{STREAM_ATTACH_PREFIX}{validate_job_id(completion_id)}"
+
+
+# ---------------------------------------------------------------- the gateway's API keys and rate limits
+
+
+def api_key_names() -> str:
+    """Hash from each API key's name to its id (SHA-256 hex digest); exists while any key does: ``tpq:keynames``."""
+    return API_KEY_NAMES
+
+
+def api_key(key_id: str) -> str:
+    """Hash recording one API key by its id (SHA-256 hex digest, never the key): ``tpq:apikey:<id>``."""
+    return f"{API_KEY_PREFIX}{validate_job_id(key_id)}"  # a hex digest passes the job-id rules
+
+
+def rate_limit(key_id: str) -> str:
+    """Hash (TTL: until both would be full) of an API key's request and token buckets: ``tpq:ratelimit:<id>``."""
+    return f"{RATE_LIMIT_PREFIX}{validate_job_id(key_id)}"
+
+
+# ---------------------------------------------------------------- the gateway's Batch API (files and batches)
+
+
+def validate_file_id(file_id: str) -> str:
+    """Return ``file_id`` if usable (same rules as :func:`validate_job_id`), else raise."""
+    _check_name("file id", file_id, _JOB_ID_RE, MAX_JOB_ID_CHARS, "letters, digits, '_' and '-'")
+    return file_id
+
+
+def api_file(file_id: str) -> str:
+    """Hash of one Batch API file: its object's fields and its ``content``: ``tpq:file:<id>``."""
+    return f"{API_FILE_PREFIX}{validate_file_id(file_id)}"
+
+
+def api_files() -> str:
+    """Sorted set of every Batch API file id, scored by minus its creation time in ms: ``tpq:files``."""
+    return API_FILES
+
+
+def api_batch(batch_id: str) -> str:
+    """Hash of one HTTP Batch API batch (status, timestamps, request counts, files): ``tpq:apibatch:<id>``.
+
+    Not :func:`batch_info`, which belongs to the Python client's batches.
+    """
+    return f"{API_BATCH_PREFIX}{validate_batch_id(batch_id)}"
+
+
+def api_batches() -> str:
+    """Sorted set of every HTTP batch id, scored by minus its creation time in ms: ``tpq:apibatches``."""
+    return API_BATCHES
+
+
+def api_batches_open() -> str:
+    """Set of the HTTP batches that are not final yet, which every gateway's batch keeper drives: ``tpq:apibatchopen``."""
+    return API_BATCHES_OPEN
+
+
+def api_batch_lines(batch_id: str) -> str:
+    """List of an HTTP batch's checked input lines, JSON, in file order: ``tpq:apibatchlines:<id>``."""
+    return f"{API_BATCH_LINES_PREFIX}{validate_batch_id(batch_id)}"
+
+
+def api_batch_output(batch_id: str) -> str:
+    """Hash from custom_id to the output line of an HTTP batch, each written once: ``tpq:apibatchout:<id>``."""
+    return f"{API_BATCH_OUTPUT_PREFIX}{validate_batch_id(batch_id)}"
+
+
+def api_batch_lease(batch_id: str) -> str:
+    """Lease (SET NX PX, renewed) of the gateway replica that drives an HTTP batch: ``tpq:lock:apibatch:<id>``."""
+    return f"{API_BATCH_LEASE_PREFIX}{validate_batch_id(batch_id)}"
+
+
+# ---------------------------------------------------------------- a model's vocabulary, for the gateway
+
+
+def vocab(model: str) -> str:
+    """Hash of one model's vocabulary (each token id's bytes), which its groups publish: ``tpq:vocab:<model>``.
+
+    ``<model>`` is the model name as groups register it (a path, a hub id):
+    1 to 1024 characters, none of them a control character.
+    """
+    if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_NAME_CHARS or not model.isprintable():
+        raise InvalidRequestError(f"a model name must be 1 to {MAX_MODEL_NAME_CHARS} printable characters")
+    return f"{VOCAB_PREFIX}{model}"

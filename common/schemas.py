@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from common import keys
 from common.errors import InvalidRequestError
@@ -17,6 +26,9 @@ T = TypeVar("T")
 Priority = Literal["interactive", "batch"]
 MAX_MESSAGES = 4096
 """Most turns in one chat: empty messages count no characters, but each costs template text and tokens."""
+MAX_TOKEN_ID = 2**31 - 1
+"""The largest token id a request may hold (the worker refuses ids past its model's vocabulary)."""
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, strict=True)]  # strict: True is no token id
 
 _FIELDS_AT: dict[str, tuple[str, ...]] = {}  # filled below: parent location -> accepted field names
 
@@ -24,8 +36,9 @@ _FIELDS_AT: dict[str, tuple[str, ...]] = {}  # filled below: parent location -> 
 class GenerationRequest(BaseModel):
     """One generation job: a prompt or a chat, sampling parameters and routing hints.
 
-    Exactly one of ``prompt`` (non-empty text) and ``messages`` (a non-empty
-    chat) is given. ``session_id`` pins the request to a shard (and so to one
+    Exactly one of ``prompt`` (non-empty text), ``messages`` (a non-empty
+    chat) and ``prompt_token_ids`` (a non-empty list of the model's token
+    ids, used as they are: no special tokens added) is given. ``session_id`` pins the request to a shard (and so to one
     worker group, whose prefix cache then holds the session's history).
     ``priority`` defaults to ``"interactive"`` with a session and ``"batch"``
     without. ``deadline_unix_s`` is a finite Unix time; the client checks that
@@ -40,6 +53,7 @@ class GenerationRequest(BaseModel):
     request_id: str | None = None
     prompt: str | None = Field(None, min_length=1)
     messages: tuple[ChatMessage, ...] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    prompt_token_ids: tuple[TokenId, ...] | None = Field(None, min_length=1)
     session_id: str | None = None
     sampling: SamplingParams = SamplingParams()
     priority: Priority = "batch"
@@ -63,12 +77,20 @@ class GenerationRequest(BaseModel):
     def _session_id_is_usable(cls, session_id: str | None) -> str | None:
         return None if session_id is None else keys.validate_session_id(session_id)
 
+    @model_serializer(mode="wrap")
+    def _omit_absent_token_ids(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)  # without token ids the wire stays as it was: older workers read it
+        if isinstance(data, dict) and data.get("prompt_token_ids", 0) is None:
+            del data["prompt_token_ids"]
+        return data
+
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
-        if self.prompt is not None and self.messages is not None:
-            raise ValueError("give either prompt or messages, not both")
-        if self.prompt is None and self.messages is None:
-            raise ValueError("give a prompt (text) or messages (a chat); neither was given")
+        given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of prompt, messages and prompt_token_ids, not both {' and '.join(given)}")
+        if not given:
+            raise ValueError("give a prompt (text), messages (a chat) or prompt_token_ids; neither was given")
         return self
 
     @model_validator(mode="after")
@@ -83,10 +105,19 @@ class GenerationRequest(BaseModel):
 
     @property
     def input_chars(self) -> int:
-        """Characters of input: the prompt's, or the sum of the messages' contents."""
+        """Size of the input: the prompt's characters, the sum of the messages' contents, or the token ids."""
         if self.prompt is not None:
             return len(self.prompt)
+        if self.prompt_token_ids is not None:
+            return len(self.prompt_token_ids)  # a token stands for at least one character, mostly more
         return sum(len(m.content) for m in self.messages or ())
+
+    @property
+    def input_name(self) -> str:
+        """Which input the request holds: ``prompt``, ``messages`` or ``prompt_token_ids``."""
+        if self.prompt is not None:
+            return "prompt"
+        return "prompt_token_ids" if self.prompt_token_ids is not None else "messages"
 
 
 def _encodes_as_utf8(text: str) -> bool:
@@ -145,7 +176,8 @@ def describe_validation_error(error: ValidationError) -> str:
 def check_limits(request: GenerationRequest, settings: Settings) -> GenerationRequest:
     """Return ``request`` if it fits the deployment's limits, else raise :class:`InvalidRequestError`.
 
-    Checks the input size against ``settings.max_prompt_chars`` and
+    Checks the input size against ``settings.max_prompt_chars`` (a token-id
+    prompt's number of ids too) and
     ``sampling.max_tokens`` against ``settings.max_tokens_limit``. A request
     that left ``max_tokens`` at its default gets the limit instead when the
     default is over it (a deployment with ``TPQ_MAX_TOKENS_LIMIT=100`` serves
@@ -153,8 +185,9 @@ def check_limits(request: GenerationRequest, settings: Settings) -> GenerationRe
     """
     chars = request.input_chars
     if chars > settings.max_prompt_chars:
+        unit = "token ids" if request.prompt_token_ids is not None else "characters"
         raise InvalidRequestError(
-            f"the {'prompt' if request.prompt is not None else 'messages'} total {chars} characters; "
+            f"the {request.input_name} total {chars} {unit}; "
             f"at most {settings.max_prompt_chars} are allowed (TPQ_MAX_PROMPT_CHARS)"
         )
     sampling = request.sampling

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from jinja2.exceptions import TemplateError
 from pydantic import ValidationError
+from tokenizers import decoders
 from transformers import AutoTokenizer
 
 from common.errors import InvalidRequestError, ModelNotFoundError
@@ -24,6 +26,23 @@ logger = logging.getLogger("tpqueue.tokenizer")
 
 REPLACEMENT_CHAR = "\ufffd"
 MESSAGE_SHAPE = "{'role': 'system' | 'user' | 'assistant', 'content': str}"
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character that stands for each byte -> that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 class Tokenizer:
@@ -53,6 +72,8 @@ class Tokenizer:
         self.special_token_ids = frozenset(i for i, tok in self._hf.added_tokens_decoder.items() if tok.special)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self._hf.eos_token_id)
         self.vocab_size = len(self._hf)
+        self._added_ids = frozenset(self._hf.added_tokens_decoder)
+        self._byte_level = isinstance(self._decoder, decoders.ByteLevel)
         logger.debug("loaded tokenizer of %s: %d ids, eos %s", self.model_dir, self.vocab_size,
                      sorted(self.eos_token_ids))
 
@@ -107,6 +128,32 @@ class Tokenizer:
     def token_string(self, token_id: int) -> str | None:
         """The vocabulary string of one id (byte-level form, e.g. ``'Ġthe'``), None for an unknown id."""
         return self._backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes one id stands for in decoded text (None for an unknown id).
+
+        Byte-level BPE (SmolLM2, GPT-2, Qwen2) maps each character of the
+        vocabulary string back to its byte (``'Ġhi'`` -> ``b' hi'``);
+        SentencePiece-style vocabularies give ``<0xE2>`` byte tokens as that
+        byte and ``▁`` as a space. Added tokens (``<|im_end|>``) are their
+        text. A token may be part of a character: its bytes are then not
+        valid UTF-8 on their own.
+        """
+        token = self.token_string(token_id)
+        if token is None:
+            return None
+        if token_id in self._added_ids or (self._byte_level and not all(c in _BYTE_OF_CHAR for c in token)):
+            return token.encode("utf-8")
+        if self._byte_level:
+            return bytes(_BYTE_OF_CHAR[c] for c in token)
+        byte = _BYTE_TOKEN.fullmatch(token)
+        if byte is not None:
+            return bytes([int(byte.group(1), 16)])
+        return token.replace("\u2581", " ").encode("utf-8")
+
+    def vocabulary_bytes(self) -> list[bytes]:
+        """:meth:`token_bytes` of every id ``0 .. vocab_size - 1`` (``b""`` for an id the tokenizer lacks)."""
+        return [self.token_bytes(i) or b"" for i in range(self.vocab_size)]
 
     def join_tokens(self, tokens: list[str]) -> str:
         """Decode vocabulary strings to text with the model's decoder, as ``decode`` does."""

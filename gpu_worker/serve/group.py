@@ -36,6 +36,7 @@ from common.heartbeat import HeartbeatSpec, HeartbeatThread
 from gpu_worker.serve.job_pump import Fenced, JobPump, ShutdownMode
 from gpu_worker.serve.metrics import serve_group_metrics
 from gpu_worker.serve.publisher import Publisher
+from gpu_worker.serve.vocab_publish import publish_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
         GroupMetrics(options.group).restarts(options.restarts)
         metrics = serve_group_metrics(options.metrics_port, settings.metrics_host, options.group, incarnation,
                                       engine, in_flight=lambda: len(pump.running))
+        publish_vocabulary(conn, str(config.model), engine.tokenizer)  # before the gateway can see the model
         register_group(conn, GroupInfo(
             group=options.group, incarnation=incarnation, tp=config.tp, model=str(config.model), host=hostname(),
             pid=os.getpid(), worker_name=pump.worker.name, started_at=time.time(),

@@ -32,8 +32,15 @@ def generate(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def prompt_token_ids(tokenizer: Tokenizer, request: GenerationRequest) -> list[int]:
-    """The prompt of ``request`` as token ids: its text as is, or its chat rendered with the model's template."""
-    if request.prompt is not None:
+    """The prompt of ``request`` as token ids: its text encoded, its chat rendered with the model's template,
+    or its ``prompt_token_ids`` as they are (:class:`InvalidRequestError` for an id past the vocabulary)."""
+    if request.prompt_token_ids is not None:
+        ids = list(request.prompt_token_ids)
+        unknown = sorted({i for i in ids if i >= tokenizer.vocab_size})
+        if unknown:
+            raise InvalidRequestError(f"prompt_token_ids holds ids outside this model's vocabulary [0, "
+                                      f"{tokenizer.vocab_size}): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    elif request.prompt is not None:
         ids = tokenizer.encode(request.prompt)
     else:
         ids = tokenizer.encode_chat(list(request.messages or ()))

@@ -8,6 +8,11 @@ only binds it to HTTP. Every job is built by the client
 checked and limited exactly as the Python client's are, and all of a
 completion's jobs are enqueued in one transaction (``submit_batch``): a full
 queue refuses all of them.
+
+Logprobs, echoed token-id prompts and token-id prompts themselves need the
+model's vocabulary (:mod:`producer.gateway.vocab`, which the groups
+publish): a completion that needs it and finds none is refused with a 503
+before anything is enqueued, and token ids past it with a 400.
 """
 from __future__ import annotations
 
@@ -20,15 +25,18 @@ from typing import Any
 import redis
 
 from common.errors import ResultTimeout
+from common.schemas import GenerationRequest
 from common.settings import Settings
 from producer.async_client import AsyncClient
 from producer.gateway import records
 from producer.gateway.deployment import Deployment, read_deployment
-from producer.gateway.errors import APIError, not_found
+from producer.gateway.errors import APIError, bad_request, not_found
+from producer.gateway.logprobs import echo_texts
 from producer.gateway.params import Completion, Kind
 from producer.gateway.records import CompletionRecord
 from producer.gateway.responses import completion_response
-from producer.gateway.streaming import CompletionStream, resume_points
+from producer.gateway.streaming import CompletionStream, echoes_sent, resume_points
+from producer.gateway.vocab import Vocabulary, VocabularyCache
 from producer.handles import AsyncJobHandle
 
 log = logging.getLogger(__name__)
@@ -46,13 +54,13 @@ class Completions:
         self.client, self.conn, self.settings = client, conn, settings
         self._background: set[asyncio.Task] = set()
         self._deployment: tuple[float, Deployment] | None = None
+        self.vocabs = VocabularyCache()
 
     async def aclose(self) -> None:
         """Close the connections; a pending disconnect-grace cancel is dropped (its jobs run to their end)."""
         for task in self._background:
             task.cancel()
-        await self.client.aclose()
-        await asyncio.to_thread(self.conn.close)
+        await self.client.aclose()  # conn is the client's own (its synchronous pool)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run ``coroutine`` in the background, beyond the request that started it."""
@@ -64,7 +72,7 @@ class Completions:
         """The groups and their verdicts, read at most :data:`DEPLOYMENT_TTL_S` ago."""
         now = time.monotonic()
         if self._deployment is None or now - self._deployment[0] >= DEPLOYMENT_TTL_S:
-            self._deployment = (now, await asyncio.to_thread(read_deployment, self.conn, self.settings))
+            self._deployment = (now, await self.client.run_sync(read_deployment, self.conn, self.settings))
         return self._deployment[1]
 
     async def check_model(self, model: str) -> None:
@@ -84,10 +92,15 @@ class Completions:
                      idempotency_key: str | None) -> tuple[CompletionRecord, list[AsyncJobHandle]]:
         """Check, record and enqueue ``completion``'s jobs; its record and job handles."""
         await self.check_model(completion.model)
+        token_prompts = [given["prompt_token_ids"] for given in completion.inputs if "prompt_token_ids" in given]
+        if completion.logprobs is not None or token_prompts:
+            vocab = await self.vocabulary(completion.model)
+            unknown = vocab.unknown_ids(i for ids in token_prompts for i in ids)
+            if unknown:
+                raise bad_request(f"prompt holds token ids outside the vocabulary of {completion.model} [0, "
+                                  f"{vocab.size}): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}", param="prompt")
         cid = records.completion_id(completion.kind, idempotency_key, completion.request_id)
-        record = CompletionRecord(id=cid, kind=completion.kind, model=completion.model, created=records.now_s(),
-                                  num_jobs=completion.num_jobs, n=completion.n,
-                                  include_usage=completion.include_usage)
+        record = records.record_of(completion, cid, records.now_s())
         requests = [self._build(completion, choice, job_id, session_header or completion.session_id)
                     for choice, job_id in enumerate(record.job_ids)]
         stored = await records.save(self.client.redis, record, self.settings.result_ttl_s)
@@ -105,15 +118,40 @@ class Completions:
         return self.client.build_request(**completion.inputs[choice // completion.n], session_id=session_id,
                                          request_id=job_id, priority=completion.priority, **sampling)
 
+    async def vocabulary(self, model: str) -> Vocabulary:
+        """``model``'s vocabulary (read once, then cached); 503 when no group of it published one."""
+        vocab = await self.vocabs.get(self.client.redis, model)
+        if vocab is None:
+            raise APIError(503, f"no vocabulary of {model} is published (its worker groups predate logprobs in the "
+                                "gateway: restart them); logprobs and token-id prompts need it",
+                           code="vocabulary_unavailable")
+        return vocab
+
+    async def rendering(self, record: CompletionRecord, requests: list[GenerationRequest | None]
+                        ) -> tuple[Vocabulary | None, list[str] | None]:
+        """What rendering ``record`` (its jobs' ``requests``) needs: ``(vocab, echoes)``, the keyword arguments
+        of :func:`~producer.gateway.responses.completion_response` (the vocabulary is read only when needed)."""
+        token_prompts = record.echo and any(r is not None and r.prompt_token_ids is not None for r in requests)
+        vocab = await self.vocabulary(record.model) if record.logprobs is not None or token_prompts else None
+        return vocab, (echo_texts(requests, vocab) if record.echo else None)
+
     async def answer(self, record: CompletionRecord, handles: list[AsyncJobHandle]) -> dict[str, Any]:
         """The whole answer, once every job finished."""
+        vocab, echoes = await self.rendering(record, [h.request for h in handles])
         results = await asyncio.gather(*(h.result() for h in handles))
-        return completion_response(record, list(results))
+        return completion_response(record, list(results), vocab=vocab, echoes=echoes)
 
-    def stream(self, record: CompletionRecord, handles: list[AsyncJobHandle], starts: list[int]) -> CompletionStream:
-        """The SSE stream of ``handles`` from ``starts``."""
+    def stream(self, record: CompletionRecord, handles: list[AsyncJobHandle], starts: list[int], *,
+               echoed: list[bool] | None = None) -> CompletionStream:
+        """The SSE stream of ``handles`` from ``starts`` (``echoed``: whose echo was sent; default none).
+
+        A completion that needs its model's vocabulary has it read already (:meth:`create`, :meth:`resume`).
+        """
+        vocab = self.vocabs.peek(record.model)
+        echoes = echo_texts([h.request for h in handles], vocab) if record.echo else None
         return CompletionStream(self.client, record, handles, starts,
-                                grace_s=self.settings.http_disconnect_grace_s, spawn=self.spawn)
+                                grace_s=self.settings.http_disconnect_grace_s, spawn=self.spawn, vocab=vocab,
+                                echoes=echoes, echoed=echoed)
 
     # ------------------------------------------------------------ existing completions
 
@@ -134,9 +172,13 @@ class Completions:
         except ResultTimeout:
             raise APIError(409, f"completion {cid!r} has not finished yet; stream it (GET .../{cid}/stream) or "
                                 "ask again later", code="not_finished", type_="conflict_error") from None
-        return completion_response(record, list(results))
+        vocab, echoes = await self.rendering(record, [h.request for h in handles])
+        return completion_response(record, list(results), vocab=vocab, echoes=echoes)
 
     async def resume(self, kind: Kind, cid: str, last_event_id: str | None) -> CompletionStream:
         """The stream of completion ``cid`` after the event ``last_event_id`` (None: from the start)."""
         record, handles = await self.existing(kind, cid)
-        return self.stream(record, handles, resume_points(last_event_id, record.num_jobs))
+        starts = resume_points(last_event_id, record.num_jobs)
+        await self.rendering(record, [h.request for h in handles])  # reads the vocabulary the stream needs, if any
+        return self.stream(record, handles, starts, echoed=echoes_sent(last_event_id, record.num_jobs))
+

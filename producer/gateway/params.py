@@ -9,6 +9,15 @@ implement, with a value that would change the answer, is refused with a
 are ignored, as vLLM does. Types are checked strictly (``"5"`` is not a
 number). The fields of :class:`~common.schemas.GenerationRequest` are
 checked afterwards by the client itself (:meth:`producer.AsyncClient.build_request`).
+
+Logprobs: chat's ``logprobs: true`` (+ ``top_logprobs: 0..20``) and
+completions' ``logprobs: 0..20`` (OpenAI allows 5; 20, as vLLM, is what the
+engine computes) ask the jobs for ``SamplingParams.logprobs``; completions'
+``echo: true`` puts the prompt before the text and, with ``logprobs``, asks
+for ``prompt_logprobs`` too. ``max_tokens: 0`` is served with ``echo``
+only (the prompt and its logprobs, as evaluation harnesses score a text):
+the job generates one token, which the answer leaves out.
+``prompt`` may be token ids: a list of ints, or a list of such lists.
 """
 from __future__ import annotations
 
@@ -18,6 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.sampling import MAX_LOGPROBS
+from common.schemas import MAX_TOKEN_ID, TokenId
 from producer.gateway.errors import APIError, bad_request, unsupported
 
 MAX_N = 16
@@ -56,10 +67,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "presence_penalty": (_falsy, "penalties are not implemented; send 0"),
     "frequency_penalty": (_falsy, "penalties are not implemented; send 0"),
     "repetition_penalty": (_is(1), "penalties are not implemented; send 1"),
-    "logprobs": (_falsy, "logprobs are not served by the gateway yet"),
-    "top_logprobs": (_falsy, "logprobs are not served by the gateway yet"),
-    "prompt_logprobs": (_falsy, "logprobs are not served by the gateway yet"),
-    "echo": (_falsy, "echo is not implemented yet"),
+    "prompt_logprobs": (_falsy, "use echo: true with logprobs (on /v1/completions) for the prompt's logprobs"),
     "best_of": (_is(1), "best_of is not implemented; use n"),
     "min_p": (_falsy, "min_p sampling is not implemented"),
     "min_tokens": (_falsy, "min_tokens is not implemented"),
@@ -121,12 +129,16 @@ class ChatBody(_Body):
 
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class CompletionBody(_Body):
-    """``POST /v1/completions``: ``prompt`` is text or a list of texts (token ids are refused for now)."""
+    """``POST /v1/completions``: ``prompt`` is text, a list of texts, token ids or a list of token-id lists."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,9 @@ class Completion:
     session_id: str | None = None
     priority: str | None = None
     request_id: str | None = None
+    logprobs: int | None = None  # alternatives per token (chat's top_logprobs, completions' logprobs); None: off
+    echo: bool = False
+    prompt_only: bool = False  # max_tokens 0 with echo: the answer leaves out the token each job generates
 
     @property
     def num_jobs(self) -> int:
@@ -191,13 +206,20 @@ def _sampling(body: _Body, max_tokens: int | None) -> dict[str, Any]:
     return sampling
 
 
-def _common(kind: Kind, body: _Body, inputs: list[dict[str, Any]], max_tokens: int | None) -> Completion:
+def _common(kind: Kind, body: _Body, inputs: list[dict[str, Any]], max_tokens: int | None,
+            **rendering: Any) -> Completion:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
-    return Completion(kind=kind, model=body.model, inputs=inputs, n=body.n, sampling=_sampling(body, max_tokens),
+    sampling = _sampling(body, max_tokens)
+    logprobs, echo = rendering.get("logprobs"), rendering.get("echo", False)
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
+        if echo:
+            sampling["prompt_logprobs"] = logprobs
+    return Completion(kind=kind, model=body.model, inputs=inputs, n=body.n, sampling=sampling,
                       stream=body.stream, include_usage=include_usage, session_id=body.session_id or body.user,
-                      priority=body.priority, request_id=body.request_id)
+                      priority=body.priority, request_id=body.request_id, **rendering)
 
 
 def _chat_message(i: int, message: _Message) -> dict[str, str]:
@@ -216,26 +238,64 @@ def parse_chat(body: Any) -> Completion:
             if role in ("tool", "function"):
                 raise unsupported(f"messages.{i}.role", f"{role!r} messages need tool calling, which is not "
                                                         "implemented")
+    if isinstance(body, dict) and not _falsy(body.get("echo")):
+        raise unsupported("echo", "echo is a /v1/completions parameter; a chat answer has no prompt to echo")
     chat: ChatBody = _validated(ChatBody, body)
+    if chat.top_logprobs and not chat.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
     messages = [_chat_message(i, m) for i, m in enumerate(chat.messages)]
     max_tokens = chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
-    return _common("chat", chat, [{"messages": messages}], max_tokens)
+    logprobs = (chat.top_logprobs or 0) if chat.logprobs else None
+    return _common("chat", chat, [{"messages": messages}], max_tokens, logprobs=logprobs)
 
 
 def parse_completion(body: Any) -> Completion:
     """The :class:`Completion` of a completions request body; :class:`APIError` (400) for anything refused."""
+    token_prompts = None
     if isinstance(body, dict):
+        if not _falsy(body.get("top_logprobs")):
+            raise unsupported("top_logprobs", "top_logprobs is a chat parameter; /v1/completions takes logprobs: "
+                                              "<int> (the alternatives per token)")
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and (isinstance(prompt[0], int) or isinstance(prompt[0], list)):
-            raise unsupported("prompt", "token-id prompts are not served by the gateway yet; send text")
-        if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS:
-            raise bad_request(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} are allowed", "prompt")
+        token_prompts = _token_prompts(prompt)
+        count = len(token_prompts) if token_prompts is not None else len(prompt) if isinstance(prompt, list) else 1
+        if count > MAX_PROMPTS:
+            raise bad_request(f"prompt holds {count} prompts; at most {MAX_PROMPTS} are allowed", "prompt")
     text: CompletionBody = _validated(CompletionBody, body)
-    prompts = [text.prompt] if isinstance(text.prompt, str) else text.prompt
-    if not prompts:
+    inputs = ([{"prompt_token_ids": ids} for ids in token_prompts] if token_prompts is not None else
+              [{"prompt": p} for p in ([text.prompt] if isinstance(text.prompt, str) else text.prompt)])
+    if not inputs:
         raise bad_request("prompt must not be empty", param="prompt")
     max_tokens = text.max_tokens if text.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-    return _common("text", text, [{"prompt": p} for p in prompts], max_tokens)
+    prompt_only = max_tokens == 0
+    if prompt_only and not text.echo:
+        raise bad_request("max_tokens 0 is served only with echo: true (the prompt and, with logprobs, its "
+                          "logprobs, without generating)", param="max_tokens")
+    return _common("text", text, inputs, 1 if prompt_only else max_tokens, logprobs=text.logprobs, echo=text.echo,
+                   prompt_only=prompt_only)
+
+
+def _token_prompts(prompt: Any) -> list[list[int]] | None:
+    """``prompt`` as token-id lists if it is token ids (a list of ints, or of lists of ints), None if it is not.
+
+    A 400 names what is wrong with a malformed one (an empty list, a negative or non-integer id).
+    """
+    if not isinstance(prompt, list) or not prompt or all(isinstance(p, str) for p in prompt):
+        return None
+    if not all(isinstance(p, list) for p in prompt):
+        if any(isinstance(p, (str, list)) for p in prompt):
+            raise bad_request("prompt mixes texts, token ids and lists; give a text, a list of texts, a list of "
+                              "token ids or a list of token-id lists", param="prompt")
+        prompt = [prompt]
+    for i, ids in enumerate(prompt):
+        where = "prompt" if len(prompt) == 1 else f"prompt.{i}"
+        if not ids:
+            raise bad_request(f"{where} is an empty list of token ids", param="prompt")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID]
+        if bad:
+            raise bad_request(f"{where} holds {repr(bad[0])[:20]}; token ids are integers from 0 to {MAX_TOKEN_ID}",
+                              param="prompt")
+    return prompt
 
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16

@@ -22,13 +22,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common import keys
 from common.errors import InvalidRequestError
 from producer.gateway.errors import bad_request
-from producer.gateway.params import Kind
+from producer.gateway.params import Completion, Kind
 
 ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl-", "text": "cmpl-"}
 
 
 class CompletionRecord(BaseModel):
-    """One completion as stored: kind (``chat``/``text``), model, Unix creation time, jobs, choices per prompt."""
+    """One completion as stored: kind (``chat``/``text``), model, Unix creation time, jobs, choices per prompt.
+
+    How to render it: ``logprobs`` (the alternatives per token: chat's
+    ``top_logprobs``, completions' ``logprobs``; None: no logprobs),
+    ``echo`` (completions: the prompt comes first), ``prompt_only``
+    (``max_tokens: 0`` with echo: the one token each job generated is not shown).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,11 +45,21 @@ class CompletionRecord(BaseModel):
     num_jobs: int = Field(ge=1)
     n: int = Field(ge=1)
     include_usage: bool = False
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
+    prompt_only: bool = False
 
     @property
     def job_ids(self) -> list[str]:
         """The ids of the completion's jobs, choice ``i`` at index ``i``."""
         return job_ids(self.id, self.num_jobs)
+
+
+def record_of(completion: Completion, cid: str, created: int) -> CompletionRecord:
+    """The record of a new completion ``cid`` of ``completion``: its jobs and how to render them."""
+    return CompletionRecord(id=cid, kind=completion.kind, model=completion.model, created=created,
+                            num_jobs=completion.num_jobs, n=completion.n, include_usage=completion.include_usage,
+                            logprobs=completion.logprobs, echo=completion.echo, prompt_only=completion.prompt_only)
 
 
 def job_ids(completion_id: str, num_jobs: int) -> list[str]:

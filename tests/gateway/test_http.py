@@ -223,7 +223,7 @@ def error_of(caught: pytest.ExceptionInfo) -> dict:
     ({"logit_bias": {"1": 3}}, "logit_bias"),
     ({"presence_penalty": 1.0}, "presence_penalty"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"),
-    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ({"n": 17}, "n"),
     ({"n": 0}, "n"),
     ({"extra_body": {"max_tokens": "five"}}, "max_tokens"),

@@ -8,7 +8,7 @@ from producer.client import Client
 from producer.gateway.errors import APIError
 from producer.gateway.params import MAX_N, UNSUPPORTED, parse_chat, parse_completion
 from producer.gateway.records import completion_id, job_ids
-from producer.gateway.streaming import event_id, resume_points
+from producer.gateway.streaming import echoes_sent, event_id, resume_points
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -52,8 +52,8 @@ def test_completions_take_one_prompt_or_a_list_and_default_to_16_tokens() -> Non
 @pytest.mark.parametrize("param, value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
     ("functions", [{"name": "f"}]), ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 5}),
-    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logprobs", True), ("top_logprobs", 2),
-    ("echo", True), ("best_of", 3), ("min_p", 0.1), ("suffix", "end"),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("prompt_logprobs", 1),
+    ("best_of", 3), ("min_p", 0.1), ("suffix", "end"),
 ])
 def test_each_unsupported_parameter_is_refused_by_name(param: str, value: object) -> None:
     assert param in UNSUPPORTED
@@ -91,8 +91,6 @@ def test_bad_types_and_bounds_name_the_parameter(body: dict, param: str) -> None
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"model": "m", "prompt": [1, 2, 3]}, "prompt"),
-    ({"model": "m", "prompt": [[1, 2], [3]]}, "prompt"),
     ({"model": "m", "prompt": []}, "prompt"),
     ({"model": "m", "prompt": 7}, "prompt"),
     ({"model": "m"}, "prompt"),
@@ -132,7 +130,9 @@ def test_event_ids_and_resume_points() -> None:
     assert resume_points(None, 2) == [0, 0]
     assert resume_points("7", 1) == [8]
     assert resume_points("2,-1", 2) == [3, 0]
-    for bad in ("x", "1,2", "-2", "1.5"):
+    assert resume_points("-2,4", 2) == [0, 5]  # -2: an echoed job whose echo was not sent yet
+    assert echoes_sent("-2,-1", 2) == [False, True] and echoes_sent(None, 1) == [False]
+    for bad in ("x", "1,2", "-3", "1.5"):
         with pytest.raises(APIError) as caught:
             resume_points(bad, 1)
         assert caught.value.param == "Last-Event-ID"
@@ -155,3 +155,66 @@ def test_a_chat_body_becomes_the_request_the_python_client_builds() -> None:
         assert built[1].sampling.seed == 6 and built[1].request_id == "c-1"  # n seeded choices differ, reproducibly
     finally:
         client._sync.close()
+
+
+# ------------------------------------------------------------------ logprobs, echo and token-id prompts
+
+
+def test_chat_logprobs_ask_the_jobs_for_top_logprobs() -> None:
+    assert parse_chat({**CHAT, "logprobs": True, "top_logprobs": 5}).sampling == {"logprobs": 5}
+    plain = parse_chat({**CHAT, "logprobs": True})
+    assert plain.sampling == {"logprobs": 0} and plain.logprobs == 0
+    off = parse_chat({**CHAT, "logprobs": False, "top_logprobs": 0})
+    assert off.sampling == {} and off.logprobs is None
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"top_logprobs": 3}, "top_logprobs"),                       # without logprobs: true (as OpenAI)
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"logprobs": 2}, "logprobs"),                               # chat's logprobs is a bool
+    ({"echo": True}, "echo"),                                    # a completions parameter
+])
+def test_bad_chat_logprobs_are_refused(extra: dict, param: str) -> None:
+    assert refused(parse_chat, {**CHAT, **extra}).param == param
+
+
+def test_completions_logprobs_and_echo_ask_for_prompt_logprobs() -> None:
+    text = parse_completion({"model": "m", "prompt": "Once", "logprobs": 20})
+    assert text.sampling == {"max_tokens": 16, "logprobs": 20} and (text.logprobs, text.echo) == (20, False)
+    echoed = parse_completion({"model": "m", "prompt": "Once", "logprobs": 1, "echo": True, "max_tokens": 1})
+    assert echoed.sampling == {"max_tokens": 1, "logprobs": 1, "prompt_logprobs": 1} and echoed.echo
+    assert parse_completion({"model": "m", "prompt": "Once", "echo": True}).sampling == {"max_tokens": 16}
+
+
+def test_max_tokens_zero_with_echo_runs_one_token_and_shows_none() -> None:
+    zero = parse_completion({"model": "m", "prompt": "Once", "logprobs": 0, "echo": True, "max_tokens": 0})
+    assert zero.prompt_only and zero.sampling["max_tokens"] == 1 and zero.sampling["prompt_logprobs"] == 0
+    assert refused(parse_completion, {"model": "m", "prompt": "Once", "max_tokens": 0}).param == "max_tokens"
+
+
+def test_token_id_prompts_become_prompt_token_ids() -> None:
+    one = parse_completion({"model": "m", "prompt": list(range(200))})  # one prompt, however many ids
+    assert one.inputs == [{"prompt_token_ids": list(range(200))}]
+    many = parse_completion({"model": "m", "prompt": [[1, 2], [3]], "n": 2})
+    assert many.inputs == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}] and many.num_jobs == 4
+    with Client(settings=get_settings(redis_url="redis://localhost:1/0")) as client:  # build_request: no I/O
+        request = client.build_request(**many.inputs[0], temperature=0)
+    assert request.prompt_token_ids == (1, 2) and request.prompt is None
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [[1], []]}, "prompt"),
+    ({"prompt": [-1]}, "prompt"),
+    ({"prompt": [True, 2]}, "prompt"),
+    ({"prompt": [1.5]}, "prompt"),
+    ({"prompt": [[1]] * 65}, "prompt"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "top_logprobs": 2}, "top_logprobs"),        # a chat parameter
+    ({"prompt": "x", "prompt_logprobs": 2}, "prompt_logprobs"),  # vLLM's: use echo + logprobs
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+])
+def test_bad_completions_logprobs_and_token_prompts_are_refused(extra: dict, param: str) -> None:
+    assert refused(parse_completion, {"model": "m", **extra}).param == param
