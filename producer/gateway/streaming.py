@@ -34,7 +34,7 @@ from common.metrics import HTTP_OPEN_STREAMS
 from common.results import JobResult, StreamEnd, TokenEvent, TokenLogprob
 from producer.async_client import AsyncClient
 from producer.gateway import records
-from producer.gateway.errors import bad_request, from_tpq_error
+from producer.gateway.errors import APIError, bad_request, from_tpq_error
 from producer.gateway.logprobs import TextLogprobs, chat_logprobs, generated_offsets
 from producer.gateway.records import CompletionRecord
 from producer.gateway.responses import DONE, chunk, sse, usage_chunk
@@ -107,10 +107,6 @@ async def _pump(handle: AsyncJobHandle, start: int, choice: int, queue: asyncio.
         await queue.put((choice, e))
 
 
-def _error_event(error: TpqError, last_id: str) -> bytes:
-    return sse(from_tpq_error(error).body(), last_id)
-
-
 class CompletionStream:
     """The events of one HTTP stream of a completion: iterate :meth:`events` once.
 
@@ -150,7 +146,17 @@ class CompletionStream:
                      echo=self.echo_pending[choice], echo_waits=self.vocab is not None)
 
     async def events(self) -> AsyncIterator[bytes]:
-        """The SSE bytes: opening role deltas (chat, new stream), tokens, finishes, usage, ``[DONE]``."""
+        """The SSE bytes of :meth:`frames`."""
+        frames = self.frames()
+        try:
+            async for data, last_id in frames:
+                yield sse(data, last_id)
+        finally:
+            await frames.aclose()
+
+    async def frames(self) -> AsyncIterator[tuple[dict[str, Any] | str, str]]:
+        """``(data, event id)`` of each event: opening role deltas (chat, new stream), tokens, finishes, usage,
+        ``[DONE]``; or, after an error, the error object last. Iterate once."""
         attached = await records.attach(self.client.redis, self.record.id, self.ttl_s)
         last = [-2 if echo else s - 1 for s, echo in zip(self.starts, self.echo_pending)]
         queue: asyncio.Queue = asyncio.Queue()
@@ -161,16 +167,19 @@ class CompletionStream:
             if self.record.kind == "chat":
                 for i, start in enumerate(self.starts):
                     if start == 0:
-                        yield sse(chunk(self.record, i, role=True), event_id(last))
+                        yield chunk(self.record, i, role=True), event_id(last)
             async for data in self._tokens_and_ends(queue, last):
                 yield data
             if self.record.include_usage:
-                yield sse(usage_chunk(self.record, await self._results()), event_id(last))
+                yield usage_chunk(self.record, await self._results()), event_id(last)
             done = True
-            yield sse(DONE, event_id(last))
+            yield DONE, event_id(last)
         except TpqError as e:
             done = True  # the job failed or is gone: nothing is left to cancel
-            yield _error_event(e, event_id(last))
+            yield from_tpq_error(e).body(), event_id(last)
+        except Exception as e:  # noqa: BLE001 - a fault of the gateway's: its client still hears of it
+            log.exception("completion %s: its stream failed", self.record.id)
+            yield APIError(500, f"internal error ({type(e).__name__})").body(), event_id(last)
         finally:
             for pump in pumps:
                 pump.cancel()
@@ -178,7 +187,8 @@ class CompletionStream:
             if not done:
                 self.spawn(self._cancel_unless_resumed(attached))
 
-    async def _tokens_and_ends(self, queue: asyncio.Queue, last: list[int]) -> AsyncIterator[bytes]:
+    async def _tokens_and_ends(self, queue: asyncio.Queue,
+                               last: list[int]) -> AsyncIterator[tuple[dict[str, Any], str]]:
         ended = 0
         while ended < len(self.handles):
             choice, item = await queue.get()
@@ -194,17 +204,17 @@ class CompletionStream:
                     self.pending[choice].append(item.token_logprob())
                 if item.text:
                     last[choice] = self.seen[choice]
-                    yield sse(chunk(self.record, choice, text=item.text, logprobs=self._take_logprobs(choice)),
-                              event_id(last))
+                    yield (chunk(self.record, choice, text=item.text, logprobs=self._take_logprobs(choice)),
+                           event_id(last))
             elif isinstance(item, StreamEnd):
                 ended += 1
                 last[choice] = self.seen[choice]
                 reason = item.finish_reason.value if item.finish_reason is not None else None
                 logprobs = self._take_logprobs(choice) if self.pending[choice] else None
-                yield sse(chunk(self.record, choice, finish_reason=reason, logprobs=logprobs), event_id(last))
+                yield chunk(self.record, choice, finish_reason=reason, logprobs=logprobs), event_id(last)
             elif isinstance(item, _Echo):
                 last[choice] = -1
-                yield sse(self._echo_chunk(choice, item.result), event_id(last))
+                yield self._echo_chunk(choice, item.result), event_id(last)
             else:
                 raise item
 

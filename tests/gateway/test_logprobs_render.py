@@ -1,7 +1,6 @@
 """OpenAI's logprobs and echo shapes built from tpqueue's results, chunks and stream events (no I/O)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -112,8 +111,7 @@ def stream_events(stream_record: CompletionRecord, items: list[tuple[int, object
         for item in items:
             queue.put_nowait(item)
         last = [s - 1 for s in starts]
-        return [(event.decode().split("\n")[0].removeprefix("id: "), json.loads(event.decode().split("data: ")[1]))
-                async for event in stream._tokens_and_ends(queue, last)]
+        return [(last_id, data) async for data, last_id in stream._tokens_and_ends(queue, last)]
 
     return asyncio.run(run())
 
