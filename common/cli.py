@@ -31,12 +31,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "supervisor": ("router.cli", "run the recovery supervisor: shard map, dead and hung groups, rq cleanup"),
     "health": ("producer.cli.health", "check the deployment (or one group): exit 0 when healthy, 1 with the reason"),
     "gateway": ("producer.gateway.cli", "serve the OpenAI-compatible HTTP API (chat, completions, streams) on Redis"),
+    "keys": ("producer.cli.keys", "the gateway's API keys and their rate limits: create (shown once), list, revoke"),
 }
 
 # Commands that read Redis and need no pickle themselves: unpickling is disabled before they run.
 # (`worker` spawns ranks that unpickle their start-up handshake: its rank 0 disables pickle after that.)
 PICKLE_FREE_COMMANDS = frozenset({"supervisor", "up", "demo", "generate", "chat", "batch", "status", "health",
-                                  "gateway"})
+                                  "gateway", "keys"})
 
 # Commands that run the engine (or start processes that do): they need `pip install 'tpqueue[worker]'`.
 WORKER_COMMANDS = frozenset({"model", "local", "worker", "up", "demo"})

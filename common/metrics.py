@@ -121,6 +121,9 @@ HTTP_LATENCY = Histogram(
     ["route"], buckets=TTFT_BUCKETS_S, registry=GATEWAY_REGISTRY)
 HTTP_OPEN_STREAMS = Gauge(
     "tpq_http_open_streams", "Server-sent-event streams the gateway is sending now.", registry=GATEWAY_REGISTRY)
+HTTP_RATE_LIMITED = Counter(
+    "tpq_http_rate_limited_total", "Requests the gateway refused (429) for an API key's rate limit, by the limit "
+    "they hit: requests or tokens per minute.", ["limit"], registry=GATEWAY_REGISTRY)
 
 
 class GroupMetrics:

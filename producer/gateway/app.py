@@ -3,10 +3,14 @@
 Routes: ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``POST
 /v1/chat/completions`` and ``POST /v1/completions`` (streamed or not),
 ``GET /v1/{chat/completions,completions}/{id}`` (a finished completion) and
-``.../{id}/stream`` (resume with ``Last-Event-ID``). Bodies are read by the
-gateway itself, bounded by ``TPQ_HTTP_MAX_BODY_BYTES`` (413 beyond), and
-checked by :mod:`producer.gateway.params`: every refusal is a 400 in
-OpenAI's error shape, never FastAPI's 422. The app keeps no request state:
+``.../{id}/stream`` (resume with ``Last-Event-ID``), ``GET /v1/ws`` (many
+requests over one WebSocket: :mod:`producer.gateway.websocket`).
+Bodies are read by the gateway itself, bounded by
+``TPQ_HTTP_MAX_BODY_BYTES`` (413 beyond), and checked by
+:mod:`producer.gateway.params`: every refusal is a 400 in OpenAI's error
+shape, never FastAPI's 422. API keys and their rate limits guard every
+``/v1`` route (:mod:`producer.gateway.auth`,
+:mod:`producer.gateway.ratelimit`). The app keeps no request state:
 :class:`~producer.gateway.completions.Completions` keeps it all in Redis.
 """
 from __future__ import annotations
@@ -26,10 +30,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import TpqError
 from common.metrics import GATEWAY_REGISTRY, HTTP_LATENCY, HTTP_REQUESTS
-from common.redis_conn import connect
 from common.settings import Settings, get_settings
 from producer.async_client import AsyncClient
-from producer.gateway import openapi
+from producer.gateway import auth, openapi, ratelimit, websocket
 from producer.gateway.completions import Completions
 from producer.gateway.errors import APIError, bad_request, from_tpq_error
 from producer.gateway.params import Kind, parse_chat, parse_completion
@@ -119,8 +122,8 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = AsyncClient(redis_url, settings)
-        app.state.completions = Completions(client, connect(client.url, client_name="tpq-gateway"), settings)
+        client = AsyncClient(redis_url, settings, name="tpq-gateway")
+        app.state.completions = Completions(client, client.sync_redis, settings)
         try:
             yield
         finally:
@@ -129,8 +132,10 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     app = FastAPI(title="tpqueue gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
     openapi.install(app)
+    auth.install(app, settings)  # API keys and rate limits on /v1 (inside _Metrics: 401/429 counted)
     app.add_middleware(_Metrics)
     _install_error_handlers(app)
+    websocket.install(app, settings.http_max_body_bytes)  # GET /v1/ws: many requests over one socket
 
     def completions_of(request: Request) -> Completions:
         return request.app.state.completions
@@ -159,12 +164,16 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     async def create(request: Request, kind: Kind) -> Response:
         body = await read_json(request, settings.http_max_body_bytes)
         completion = parse_chat(body) if kind == "chat" else parse_completion(body)
+        completion, charge = await ratelimit.admit(request, completion, settings)  # key's priority, tokens (429)
         service = completions_of(request)
-        record, handles = await service.create(completion, session_header=request.headers.get("x-session-id"),
-                                               idempotency_key=request.headers.get("idempotency-key"))
+        async with charge.refunded_on_error():
+            record, handles = await service.create(completion, session_header=request.headers.get("x-session-id"),
+                                                   idempotency_key=request.headers.get("idempotency-key"))
         if completion.stream:
             return _sse(service.stream(record, handles, [0] * len(handles)))
-        return JSONResponse(await service.answer(record, handles))
+        answer = await service.answer(record, handles)
+        await charge.settle(answer)  # the real usage replaces the admission estimate
+        return JSONResponse(answer)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

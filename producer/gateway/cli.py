@@ -1,20 +1,24 @@
 """``tpq gateway``: the OpenAI-compatible HTTP gateway on its own (FastAPI served by uvicorn).
 
 It is stateless (all state in Redis), so several replicas can run behind a
-load balancer. It has no API keys yet: it listens on a loopback address
-only, unless ``--allow-anonymous`` (or ``TPQ_HTTP_ALLOW_ANONYMOUS=1``) says
-that anyone who reaches the port may submit jobs.
+load balancer. While no API key exists (``tpq keys create NAME`` makes one)
+anyone who reaches the port may submit jobs, so it listens on a non-loopback
+address only once a key exists, or when ``--allow-anonymous`` (or
+``TPQ_HTTP_ALLOW_ANONYMOUS=1``) accepts that. Started on a public address
+without it, it keeps requiring a key even if every key is revoked later.
 """
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 
 from common.errors import TpqError
 from common.redis_conn import connect, redact_url
 from common.settings import Settings, get_settings
+from producer.gateway.auth import any_keys, is_loopback
 from producer.local_stack.stack_info import redis_url_for
+
+__all__ = ["build_parser", "check_host", "is_loopback", "main", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,29 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=None, help="address to listen on (default: TPQ_HTTP_HOST, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: TPQ_HTTP_PORT, 8000)")
     parser.add_argument("--allow-anonymous", action="store_true", default=None,
-                        help="listen on a non-loopback address without API keys (default: "
+                        help="listen on a non-loopback address even while no API key exists (default: "
                              "TPQ_HTTP_ALLOW_ANONYMOUS, off)")
     return parser
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is ``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+def needs_keys(host: str, allow_anonymous: bool) -> bool:
+    """Whether listening on ``host`` needs an API key to exist: a non-loopback address, not allowed anonymously."""
+    return not is_loopback(host) and not allow_anonymous
 
 
-def check_host(host: str, allow_anonymous: bool) -> None:
-    """Raise :class:`ValueError` for a non-loopback ``host`` unless anonymous access is allowed."""
-    if is_loopback(host) or allow_anonymous:
+def check_host(host: str, allow_anonymous: bool, keys_exist: bool) -> None:
+    """Raise :class:`ValueError` for a non-loopback ``host`` while no key exists, unless anonymous access is allowed."""
+    if not needs_keys(host, allow_anonymous) or keys_exist:
         return
     raise ValueError(
-        f"refusing to listen on {host}: the gateway has no API keys yet (they come in a later step), so anyone "
-        "who can reach this address could submit jobs. Listen on 127.0.0.1, or pass --allow-anonymous "
-        "(TPQ_HTTP_ALLOW_ANONYMOUS=1) to accept that."
+        f"refusing to listen on {host}: no API key exists yet, so anyone who can reach this address could submit "
+        "jobs. Create a key first (tpq keys create NAME; every /v1 request then needs it), or pass "
+        "--allow-anonymous (TPQ_HTTP_ALLOW_ANONYMOUS=1) to accept that; or listen on 127.0.0.1."
     )
 
 
@@ -71,9 +70,10 @@ def main(argv: list[str]) -> int:
         host = args.host if args.host is not None else settings.http_host
         port = args.port if args.port is not None else settings.http_port
         allow = args.allow_anonymous if args.allow_anonymous is not None else settings.http_allow_anonymous
-        check_host(host, allow)
         url = redis_url_for(settings, "gateway")
-        connect(url, check=True, retries=1).close()
+        with connect(url, check=True, retries=1) as conn:
+            check_host(host, allow, keys_exist=needs_keys(host, allow) and any_keys(conn))
+        settings = settings.model_copy(update={"http_host": host, "http_allow_anonymous": allow})
     except (TpqError, ValueError) as exc:
         print(f"tpq gateway: {exc}", file=sys.stderr)
         return 2

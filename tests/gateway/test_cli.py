@@ -1,4 +1,4 @@
-"""``tpq gateway``'s options: loopback only unless anonymous access is allowed (no API keys yet)."""
+"""``tpq gateway``'s options: a non-loopback address needs an API key to exist, or anonymous access allowed."""
 from __future__ import annotations
 
 import os
@@ -21,20 +21,42 @@ def test_loopback_addresses(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
-def test_a_public_address_needs_allow_anonymous() -> None:
-    check_host("127.0.0.1", allow_anonymous=False)
-    check_host("0.0.0.0", allow_anonymous=True)
-    with pytest.raises(ValueError, match="no API keys yet.*--allow-anonymous"):
-        check_host("0.0.0.0", allow_anonymous=False)
+def test_a_public_address_needs_a_key_or_allow_anonymous() -> None:
+    check_host("127.0.0.1", allow_anonymous=False, keys_exist=False)
+    check_host("0.0.0.0", allow_anonymous=True, keys_exist=False)
+    check_host("0.0.0.0", allow_anonymous=False, keys_exist=True)
+    with pytest.raises(ValueError, match="no API key exists yet.*tpq keys create NAME.*--allow-anonymous"):
+        check_host("0.0.0.0", allow_anonymous=False, keys_exist=False)
 
 
-def test_tpq_gateway_refuses_a_public_address_before_touching_redis() -> None:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TPQ_")},
-           "TPQ_REDIS_URL": "redis://127.0.0.1:1/0"}  # nothing listens there: the refusal must come first
-    done = subprocess.run([sys.executable, "-m", "common.cli", "gateway", "--host", "0.0.0.0"], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=60)
+def run_gateway(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TPQ_")}, "TPQ_REDIS_URL": redis_url}
+    return subprocess.run([sys.executable, "-m", "common.cli", "gateway", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_tpq_gateway_refuses_a_public_address_while_no_key_exists(redis_url) -> None:
+    done = run_gateway(redis_url, "--host", "0.0.0.0")
     assert done.returncode == 2
-    assert "refusing to listen on 0.0.0.0" in done.stderr and "later step" in done.stderr
-    bad_port = subprocess.run([sys.executable, "-m", "common.cli", "gateway", "--port", "70000"], cwd=REPO_ROOT,
-                              env=env, capture_output=True, text=True, timeout=60)
+    assert "refusing to listen on 0.0.0.0: no API key exists yet" in done.stderr
+    assert "tpq keys create NAME" in done.stderr and "--allow-anonymous" in done.stderr
+    bad_port = run_gateway("redis://127.0.0.1:1/0", "--port", "70000")  # refused before Redis is asked
     assert bad_port.returncode == 2 and "--port must be in 1..65535" in bad_port.stderr
+
+
+def test_tpq_gateway_listens_on_a_public_address_once_a_key_exists(redis_url, monkeypatch) -> None:
+    import redis
+
+    from producer.gateway import cli
+    from producer.gateway.auth import create_key
+
+    served: list[tuple] = []
+    monkeypatch.setattr(cli, "serve", lambda settings, host, port, url: served.append((settings, host, url)))
+    monkeypatch.setenv("TPQ_REDIS_URL", redis_url)
+    assert cli.main(["--host", "0.0.0.0"]) == 2 and served == []
+    with redis.Redis.from_url(redis_url) as conn:
+        create_key(conn, "ops")
+    assert cli.main(["--host", "0.0.0.0", "--port", "8123"]) == 0
+    [(settings, host, url)] = served
+    assert (host, url) == ("0.0.0.0", redis_url)
+    assert (settings.http_host, settings.http_allow_anonymous) == ("0.0.0.0", False)  # its app requires keys
