@@ -6,14 +6,19 @@ gone), hung (rank 0 holds jobs and its step has not advanced for
 supervisor declared it dead or hung and it is being restarted); a group
 still starting passes. Without ``--group`` or ``--supervisor`` it checks
 every registered group, that a supervisor holds the lock, and that every
-session shard has a live owner. Meant for Docker and Kubernetes health
-checks and for scripts.
+session shard has a live owner. With ``--gateway URL`` it asks an HTTP
+gateway's ``/health`` instead (no Redis needed): healthy when it answers 200,
+not when it answers 503 (no live group serves) or cannot be reached. Meant
+for Docker and Kubernetes health checks and for scripts.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import redis
 
@@ -36,7 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hang-after-s", type=float, default=None,
                         help="seconds without a step while holding jobs that make a group hung "
                              "(default: TPQ_HANG_TIMEOUT_S)")
+    parser.add_argument("--gateway", default=None, metavar="URL",
+                        help="check the HTTP gateway at URL (e.g. http://127.0.0.1:8000) through its /health")
+    parser.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the gateway (default 5)")
     return parser
+
+
+def check_gateway(url: str, timeout_s: float) -> tuple[bool, str]:
+    """``(healthy, one-line reason)`` from the gateway at ``url``: its ``GET /health``."""
+    health_url = url.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health_url, timeout=timeout_s) as response:  # noqa: S310 - an operator's URL
+            groups = json.loads(response.read() or b"{}").get("groups", {})
+        return True, f"OK: gateway {url} serves ({len(groups)} group(s))"
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = e.reason
+        return False, f"FAIL: gateway {url} answers {e.code}: {reason}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return False, f"FAIL: gateway {url} cannot be reached: {getattr(e, 'reason', e)}"
 
 
 def check(conn: redis.Redis, settings: Settings, groups: list[str] | None = None, *, supervisor_only: bool = False,
@@ -84,6 +109,10 @@ def check(conn: redis.Redis, settings: Settings, groups: list[str] | None = None
 def main(argv: list[str]) -> int:
     """Entry point of ``tpq health``: prints one line, returns 0 (healthy) or 1 (not, or cannot tell)."""
     args = build_parser().parse_args(argv)
+    if args.gateway is not None:
+        healthy, line = check_gateway(args.gateway, args.timeout_s)
+        print(line)
+        return 0 if healthy else 1
     try:
         settings = get_settings()
         conn = connect(redis_url_for(settings, "health"), client_name="tpq-health", check=True, retries=1)

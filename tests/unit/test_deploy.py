@@ -88,7 +88,7 @@ def test_required_secrets_must_come_from_the_environment():
 
 def test_every_tpqueue_service_runs_a_real_tpq_command_with_valid_options_and_settings(compose, monkeypatch):
     services = tpq_services(compose)
-    assert set(services) == {"supervisor", "worker"}
+    assert set(services) == {"supervisor", "worker", "gateway"}
     commands = {name: service["command"] for name, service in services.items()}
     for name, service in services.items():
         parse_tpq(service["command"])
@@ -108,6 +108,20 @@ def test_every_tpqueue_service_runs_a_real_tpq_command_with_valid_options_and_se
     worker = parse_tpq(commands["worker"])
     assert "--tp" in commands["worker"] and worker.tp == 1 and worker.device == "cuda"
     assert commands["supervisor"][:2] == ["tpq", "supervisor"]
+
+
+def test_the_gateway_listens_where_its_port_is_published_and_checks_its_own_health(compose):
+    gateway = compose["services"]["gateway"]
+    args = parse_tpq(gateway["command"])
+    assert args.host == "0.0.0.0"  # inside the container; the host publishes it on loopback only
+    [published] = gateway["ports"]
+    host_ip, host_port, container_port = published.split(":")
+    assert (host_ip, host_port, int(container_port)) == ("127.0.0.1", "8000", args.port)
+    check = parse_tpq(gateway["healthcheck"]["test"][1:])
+    assert check.gateway == f"http://127.0.0.1:{args.port}"
+    # a gateway on 0.0.0.0 without keys must be allowed to start, or `docker compose up` fails at once
+    assert gateway["environment"]["TPQ_HTTP_ALLOW_ANONYMOUS"] == "1"
+    assert gateway["environment"]["TPQ_REDIS_URL"] == compose["services"]["supervisor"]["environment"]["TPQ_REDIS_URL"]
 
 
 def test_the_worker_reserves_nvidia_gpus_and_redis_keeps_an_aof_behind_a_password(compose):
@@ -140,8 +154,11 @@ def test_prometheus_scrapes_every_tpqueue_component_on_its_metrics_port(compose)
     for name, service in tpq_services(compose).items():
         args = parse_tpq(service["command"])
         env = service["environment"]
-        default = env["TPQ_SUPERVISOR_METRICS_PORT"] if name == "supervisor" else env["TPQ_WORKER_METRICS_PORT"]
-        port = args.metrics_port if args.metrics_port is not None else int(default)
+        if name == "gateway":  # its metrics are on its HTTP port (GET /metrics)
+            port = args.port
+        else:
+            default = env["TPQ_SUPERVISOR_METRICS_PORT"] if name == "supervisor" else env["TPQ_WORKER_METRICS_PORT"]
+            port = args.metrics_port if args.metrics_port is not None else int(default)
         assert port and (name, port) in scraped, f"Prometheus does not scrape {name}:{port}"
 
 
