@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import InvalidConfigError
-from common.keys import MAX_NUM_SHARDS
+from common.key_names import MAX_NUM_SHARDS
 from common.redis_conn import parse_redis_url, redact_url
 
 ENV_PREFIX = "TPQ_"
