@@ -4,7 +4,10 @@ Routes: ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``POST
 /v1/chat/completions`` and ``POST /v1/completions`` (streamed or not),
 ``GET /v1/{chat/completions,completions}/{id}`` (a finished completion) and
 ``.../{id}/stream`` (resume with ``Last-Event-ID``), ``GET /v1/ws`` (many
-requests over one WebSocket: :mod:`producer.gateway.websocket`).
+requests over one WebSocket: :mod:`producer.gateway.websocket`), and the
+Batch API (``/v1/files``, ``/v1/batches``: :mod:`producer.gateway.files`,
+:mod:`producer.gateway.batch_routes`, run by a
+:class:`~producer.gateway.batch_keeper.BatchKeeper` in every replica).
 Bodies are read by the gateway itself, bounded by
 ``TPQ_HTTP_MAX_BODY_BYTES`` (413 beyond), and checked by
 :mod:`producer.gateway.params`: every refusal is a 400 in OpenAI's error
@@ -32,7 +35,8 @@ from common.errors import TpqError
 from common.metrics import GATEWAY_REGISTRY, HTTP_LATENCY, HTTP_REQUESTS
 from common.settings import Settings, get_settings
 from producer.async_client import AsyncClient
-from producer.gateway import auth, openapi, ratelimit, websocket
+from producer.gateway import auth, batch_routes, files, openapi, ratelimit, websocket
+from producer.gateway.batch_keeper import BatchKeeper
 from producer.gateway.completions import Completions
 from producer.gateway.errors import APIError, bad_request, from_tpq_error
 from producer.gateway.params import Kind, parse_chat, parse_completion
@@ -124,9 +128,12 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = AsyncClient(redis_url, settings, name="tpq-gateway")
         app.state.completions = Completions(client, client.sync_redis, settings)
+        app.state.batch_keeper = BatchKeeper(client, settings)
+        app.state.batch_keeper.start()
         try:
             yield
         finally:
+            await app.state.batch_keeper.aclose()
             await app.state.completions.aclose()
 
     app = FastAPI(title="tpqueue gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -136,6 +143,8 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     app.add_middleware(_Metrics)
     _install_error_handlers(app)
     websocket.install(app, settings.http_max_body_bytes)  # GET /v1/ws: many requests over one socket
+    app.include_router(files.router(settings))  # the Batch API: /v1/files and /v1/batches
+    app.include_router(batch_routes.router(settings, read_json))
 
     def completions_of(request: Request) -> Completions:
         return request.app.state.completions

@@ -1,0 +1,189 @@
+"""The Batch API's files: ``/v1/files`` routes over file objects kept in Redis, so every replica sees them.
+
+A file is one hash (``keys.api_file``): ``object`` (OpenAI's file object,
+JSON) and ``content`` (the bytes). ``keys.api_files`` lists the ids, scored
+by minus the creation time in microseconds, so ascending order is newest
+first (the order OpenAI lists in). Uploads are multipart (``file`` and
+``purpose``, as the SDK's ``client.files.create`` sends them), only
+``purpose=batch``, at most ``TPQ_HTTP_MAX_FILE_BYTES`` (413 beyond) and
+:data:`~producer.gateway.batch_lines.MAX_LINES` lines. A batch's output and error
+files are files of purpose ``batch_output`` (:func:`store_file`).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+
+from common import keys
+from common.errors import InvalidRequestError
+from common.settings import Settings
+from producer.gateway.batch_lines import MAX_LINES
+from producer.gateway.errors import APIError, bad_request, not_found
+
+MULTIPART_SLACK_BYTES = 64 * 1024
+"""Bytes a multipart upload may carry beyond its file's bound (boundaries, headers, the purpose field)."""
+MAX_LIST_LIMIT = 10_000
+
+
+def now_us() -> int:
+    """The Unix time in microseconds (the listing score: distinct, and exact in a double)."""
+    return time.time_ns() // 1000
+
+
+async def store_file(conn: Any, content: bytes, filename: str, purpose: str, file_id: str | None = None) -> dict:
+    """Store a file (a new id unless ``file_id`` is given: storing it again replaces it); its object."""
+    created_us = now_us()
+    file_id = keys.validate_file_id(file_id or "file-" + uuid.uuid4().hex)
+    obj = {"id": file_id, "object": "file", "bytes": len(content), "created_at": created_us // 1_000_000,
+           "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
+           "status_details": None}
+    async with conn.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.api_file(file_id), mapping={"object": json.dumps(obj), "content": content})
+        pipe.zadd(keys.api_files(), {file_id: -created_us})
+        await pipe.execute()
+    return obj
+
+
+async def file_object(conn: Any, file_id: str) -> dict:
+    """The object of file ``file_id``; 404 when there is none."""
+    try:
+        raw = await conn.hget(keys.api_file(file_id), "object")
+    except InvalidRequestError:
+        raw = None
+    if raw is None:
+        raise not_found(f"no file {file_id!r} (never uploaded, or deleted)", param="file_id")
+    return json.loads(raw)
+
+
+async def file_content(conn: Any, file_id: str) -> bytes:
+    """The bytes of file ``file_id``; 404 when there is none."""
+    await file_object(conn, file_id)
+    content = await conn.hget(keys.api_file(file_id), "content")
+    if content is None:
+        raise not_found(f"file {file_id!r} has no content (deleted meanwhile)", param="file_id")
+    return bytes(content)
+
+
+async def page(conn: Any, index_key: str, after: str | None, limit: int,
+               newest_first: bool = True) -> tuple[list[str], bool]:
+    """Up to ``limit`` ids of a listing sorted set after the id ``after``; and whether more follow."""
+    low, high = "-inf", "+inf"
+    if after:
+        score = await conn.zscore(index_key, after)
+        if score is None:
+            raise bad_request(f"after: no such id {after!r} in this listing", param="after")
+        low, high = (f"({score}", "+inf") if newest_first else ("-inf", f"({score}")
+    start, end = (low, high) if newest_first else (high, low)
+    ids = await conn.zrange(index_key, start, end, byscore=True, desc=not newest_first, offset=0, num=limit + 1)
+    ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+    return ids[:limit], len(ids) > limit
+
+
+def list_limit(request: Request, default: int, most: int) -> int:
+    """The ``limit`` query parameter: a whole number in ``1 .. most``; 400 otherwise."""
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise bad_request(f"limit must be a whole number from 1 to {most}, got {raw!r}", param="limit")
+    return int(raw)
+
+
+def list_body(data: list[dict], has_more: bool) -> dict:
+    """OpenAI's cursor page: ``{object: "list", data, first_id, last_id, has_more}``."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"the file is {size} bytes or more; at most {limit} are accepted (TPQ_HTTP_MAX_FILE_BYTES)",
+                    param="file", code="file_too_large")
+
+
+async def _upload(request: Request, limit: int) -> tuple[bytes, str, str]:
+    """The uploaded file's bytes, its name and the purpose, from a multipart body."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK_BYTES:
+        raise _too_large(int(declared), limit)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise bad_request("upload the file as multipart/form-data with fields file and purpose", param="file")
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise bad_request("the upload has no file field", param="file")
+        if purpose != "batch":
+            raise bad_request(f"purpose must be \"batch\" (the only purpose served), got {purpose!r}",
+                              param="purpose")
+        content = await upload.read(limit + 1)
+        if len(content) > limit:
+            raise _too_large(len(content), limit)
+        return content, upload.filename or "upload.jsonl", purpose
+
+
+def _check_batch_file(content: bytes) -> None:
+    """Refuse a batch file that cannot be one (not UTF-8, too many lines); its lines are checked by a batch."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"a batch file must be UTF-8 JSONL: {e}", param="file", code="invalid_file") from None
+    count = sum(1 for line in text.splitlines() if line.strip())
+    if count > MAX_LINES:
+        raise bad_request(f"the file holds {count} lines; at most {MAX_LINES} are allowed", param="file",
+                          code="too_many_lines")
+
+
+def router(settings: Settings) -> APIRouter:
+    """``POST/GET /v1/files``, ``GET/DELETE /v1/files/{id}``, ``GET /v1/files/{id}/content``."""
+    routes = APIRouter()
+
+    def conn_of(request: Request) -> Any:
+        return request.app.state.completions.client.redis
+
+    @routes.post("/v1/files")
+    async def create_file(request: Request) -> JSONResponse:
+        content, filename, purpose = await _upload(request, settings.http_max_file_bytes)
+        _check_batch_file(content)
+        return JSONResponse(await store_file(conn_of(request), content, filename, purpose))
+
+    @routes.get("/v1/files")
+    async def list_files(request: Request) -> JSONResponse:
+        conn, params = conn_of(request), request.query_params
+        order = params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise bad_request(f"order must be \"asc\" or \"desc\", got {order!r}", param="order")
+        limit = list_limit(request, MAX_LIST_LIMIT, MAX_LIST_LIMIT)
+        purpose = params.get("purpose")
+        ids, has_more = await page(conn, keys.api_files(), params.get("after"), limit, newest_first=order == "desc")
+        async with conn.pipeline(transaction=False) as pipe:
+            for file_id in ids:
+                pipe.hget(keys.api_file(file_id), "object")
+            objects = [json.loads(raw) for raw in await pipe.execute() if raw is not None]  # None: deleted meanwhile
+        data = [o for o in objects if purpose is None or o["purpose"] == purpose]
+        return JSONResponse(list_body(data, has_more))
+
+    @routes.get("/v1/files/{file_id}")
+    async def retrieve_file(request: Request, file_id: str) -> JSONResponse:
+        return JSONResponse(await file_object(conn_of(request), file_id))
+
+    @routes.get("/v1/files/{file_id}/content", response_class=Response,
+                responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
+    async def retrieve_content(request: Request, file_id: str) -> Response:
+        return Response(await file_content(conn_of(request), file_id), media_type="application/octet-stream")
+
+    @routes.delete("/v1/files/{file_id}")
+    async def delete_file(request: Request, file_id: str) -> JSONResponse:
+        conn = conn_of(request)
+        await file_object(conn, file_id)
+        async with conn.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.api_file(file_id))
+            pipe.zrem(keys.api_files(), file_id)
+            await pipe.execute()
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+    return routes

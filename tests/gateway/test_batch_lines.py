@@ -1,0 +1,90 @@
+"""The Batch API's line checks and output lines (producer.gateway.batch_lines): pure, no Redis."""
+from __future__ import annotations
+
+import json
+
+from common.errors import JobFailed
+from common.results import FinishReason, JobResult, Timings, Usage
+from producer.gateway.batch_lines import (
+    MAX_LINES, BatchLine, is_openai_line, line_from_json, output_line, parse_lines, request_line_id, unrun_line,
+)
+
+CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
+
+
+def line(custom_id: str, url: str = CHAT, **body: object) -> str:
+    fields = {"messages": [{"role": "user", "content": "hi"}]} if url == CHAT else {"prompt": "once"}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "m", **fields, **body}})
+
+
+def data(*lines: str) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+def result(job_id: str, text: str) -> JobResult:
+    return JobResult(request_id=job_id, text=text, token_ids=[1, 2], finish_reason=FinishReason.LENGTH,
+                     usage=Usage(prompt_tokens=5, cached_tokens=1, generated_tokens=2),
+                     timings=Timings(queue_s=0.0, time_to_first_token_s=0.0, total_s=0.0), group="g", attempt=1)
+
+
+def test_good_lines_parse_with_their_numbers_and_blank_lines_skipped():
+    lines, errors = parse_lines(data(line("a", max_tokens=3), "", line("b", n=2)), CHAT, {"m"})
+    assert errors == []
+    assert [(b.number, b.custom_id, b.kind, b.completion.num_jobs) for b in lines] == [(1, "a", "chat", 1),
+                                                                                        (3, "b", "chat", 2)]
+    assert lines[0].completion.sampling == {"max_tokens": 3}
+    assert lines[1].job_ids("x-3") == ["x-3-0", "x-3-1"]
+    again = line_from_json(lines[1].as_json())
+    assert again == lines[1]
+
+
+def test_every_bad_line_is_reported_with_its_reason():
+    lines, errors = parse_lines(data(line("a"), "[1]", line(""), line("a"), line("t", url=TEXT),
+                                     line("big", max_tokens="5"), line("s", stream=True)), CHAT, {"m"})
+    assert [b.custom_id for b in lines] == ["a"]
+    assert [(e.line, e.code, e.param) for e in errors] == [
+        (2, "invalid_request", None), (3, "missing_required_parameter", "custom_id"),
+        (4, "duplicate_custom_id", "custom_id"), (5, "invalid_url", "url"), (6, "invalid_value", "body.max_tokens"),
+        (7, "invalid_value", "body.stream")]
+    assert "line 1" in errors[2].message  # where the custom_id was first used
+
+
+def test_without_an_endpoint_the_first_line_sets_it_and_models_are_checked_only_when_known():
+    lines, errors = parse_lines(data(line("a", url=TEXT), line("b", url=CHAT)), None)
+    assert [b.kind for b in lines] == ["text"] and [e.line for e in errors] == [2]
+    _, unknown = parse_lines(data(line("a")), CHAT, {"other"})
+    assert unknown[0].code == "model_not_found" and "other" in unknown[0].message
+
+
+def test_file_level_errors():
+    assert parse_lines(b"\xff\xfe", CHAT)[1][0].code == "invalid_file"
+    assert parse_lines(b"\n\n", CHAT)[1][0].code == "empty_file"
+    many = data(*[line("c")] * (MAX_LINES + 1))
+    lines, errors = parse_lines(many, CHAT)
+    assert lines == [] and [e.code for e in errors] == ["too_many_lines"]
+
+
+def test_output_lines_are_the_endpoints_answers_and_failures_its_errors():
+    [chat] = parse_lines(data(line("a", n=2)), CHAT)[0]
+    out, failed = output_line(chat, "b1-1", 123, [result("b1-1-0", "x"), result("b1-1-1", "y")])
+    assert not failed and out["custom_id"] == "a" and out["id"] == request_line_id("b1-1") and out["error"] is None
+    body = out["response"]["body"]
+    assert out["response"]["status_code"] == 200 and out["response"]["request_id"] == "b1-1"
+    assert [c["message"]["content"] for c in body["choices"]] == ["x", "y"] and body["created"] == 123
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9,
+                             "prompt_tokens_details": {"cached_tokens": 1}}
+    [text] = parse_lines(data(line("t", url=TEXT)), TEXT)[0]
+    out, _ = output_line(text, "b1-2", 1, [result("b1-2", "z")])
+    body = out["response"]["body"]
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "z"
+    out, failed = output_line(text, "b1-2", 1, [JobFailed("job failed: boom", job_id="b1-2", error="boom")])
+    assert failed and out["response"]["status_code"] == 500 and "boom" in out["response"]["body"]["error"]["message"]
+    unrun = unrun_line("t", "b1-2", "batch_expired", "too late")
+    assert unrun["response"] is None and unrun["error"] == {"code": "batch_expired", "message": "too late"}
+
+
+def test_openai_lines_are_told_from_tpq_batch_lines():
+    assert is_openai_line(json.loads(line("a")))
+    assert not is_openai_line({"prompt": "x", "request_id": "r"})
+    assert not is_openai_line([1])
+    assert isinstance(parse_lines(data(line("a")), CHAT)[0][0], BatchLine)
