@@ -15,7 +15,9 @@ process, as ``tpq up`` runs them) serves every part:
    stream of part 1, the time it reached the client minus the time rank 0
    sampled it (``TokenEvent.sampled_at``; for a gateway stream read back
    from the job's token log), through the gateway and through the client;
-   the difference of their p50 and of their p99. Target: p50 <= 3 ms.
+   the difference of their p50 and of their p99; and the same for
+   ``--alone`` streams run one at a time (no burst of 32 first tokens to
+   queue behind). Target: p50 <= 3 ms.
 3. Peak RSS of the gateway process (``VmHWM``) with ``--open-streams`` open
    streams (opened against a busy group, counted by the gateway's own
    ``tpq_http_open_streams``), and its RSS before.
@@ -223,6 +225,12 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict:
         for _ in range(args.rounds):
             gateway_runs.append(await through_gateway(sdk, model, args.streams, args.max_tokens))
             client_runs.append(await through_client(client, args.streams, args.max_tokens))
+        alone_gateway, alone_client = [], []  # one stream at a time: the gateway's own cost, no burst to queue in
+        for i in range(args.alone):
+            run = await through_gateway(sdk, model, 1, 8)
+            [(cid, first, _)] = run["streams"]
+            alone_gateway.append(first - await first_sampled_at(client, cid))
+            alone_client.extend((await through_client(client, 1, 8))["first_latency"])
         gateway_latency = []
         for run in gateway_runs:
             for cid, first, _ in run["streams"]:
@@ -242,6 +250,11 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict:
         "ttft_client_p50_ms": percentile(client_latency, 50) * ms,
         "ttft_added_p50_ms": (percentile(gateway_latency, 50) - percentile(client_latency, 50)) * ms,
         "ttft_added_p99_ms": (percentile(gateway_latency, 99) - percentile(client_latency, 99)) * ms,
+        "alone": args.alone,
+        "alone_added_p50_ms": (percentile(alone_gateway, 50) - percentile(alone_client, 50)) * ms,
+        "alone_added_p99_ms": (percentile(alone_gateway, 99) - percentile(alone_client, 99)) * ms,
+        "alone_gateway_p50_ms": percentile(alone_gateway, 50) * ms,
+        "alone_client_p50_ms": percentile(alone_client, 50) * ms,
         "open_streams": held["open"], "gateway_rss_before_mib": held["rss_before_mib"],
         "gateway_peak_rss_mib": held["peak_rss_mib"], "admitted_per_s": admitted,
         "client_admitted_per_s": client_admitted,
@@ -259,6 +272,9 @@ def report(figures: dict) -> str:
         f"2. first token, sampled -> received: gateway p50 {f['ttft_gateway_p50_ms']:.2f} ms, client p50 "
         f"{f['ttft_client_p50_ms']:.2f} ms; added by the gateway p50 {f['ttft_added_p50_ms']:.2f} ms "
         f"(target <= 3), p99 {f['ttft_added_p99_ms']:.2f} ms",
+        f"   one stream at a time ({f['alone']} each): gateway p50 {f['alone_gateway_p50_ms']:.2f} ms, client p50 "
+        f"{f['alone_client_p50_ms']:.2f} ms; added by the gateway p50 {f['alone_added_p50_ms']:.2f} ms, "
+        f"p99 {f['alone_added_p99_ms']:.2f} ms",
         f"3. gateway RSS {f['gateway_rss_before_mib']:.0f} MiB idle, peak {f['gateway_peak_rss_mib']:.0f} MiB with "
         f"{f['open_streams']:.0f} open streams",
         f"4. one-token requests ({f['admit_requests']}, {ADMIT_CONCURRENCY} concurrent clients): gateway "
@@ -273,13 +289,14 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--alone", type=int, default=20, help="streams run one at a time through each, for part 2")
     parser.add_argument("--open-streams", type=int, default=500)
     parser.add_argument("--admit-requests", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="small numbers: checks that every part runs")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args()
     if args.quick:
-        args.streams, args.max_tokens, args.rounds, args.open_streams, args.admit_requests = 4, 8, 1, 20, 40
+        args.streams, args.max_tokens, args.rounds, args.open_streams, args.admit_requests, args.alone = 4, 8, 1, 20, 40, 3
     with tempfile.TemporaryDirectory(prefix="tpq-bench-gw-") as data:
         os.environ.update({"TPQ_DATA_DIR": data, "TPQ_HTTP_DISCONNECT_GRACE_S": "0",
                            "TPQ_SUPERVISOR_METRICS_PORT": "0", "TPQ_WORKER_METRICS_PORT": "0"})

@@ -75,14 +75,8 @@ class BatchLine:
     def requests(self, build: Callable[..., GenerationRequest], base_id: str) -> list[GenerationRequest]:
         """This line's jobs, built by ``build`` (a client's ``build_request``), all at ``priority="batch"``."""
         c = self.completion
-        built = []
-        for choice, job_id in enumerate(self.job_ids(base_id)):
-            sampling = dict(c.sampling)
-            if "seed" in sampling and c.n > 1:
-                sampling["seed"] += choice % c.n  # as the endpoint does: n seeded choices, reproducible, not equal
-            built.append(build(**c.inputs[choice // c.n], session_id=c.session_id, request_id=job_id,
-                               priority="batch", **sampling))
-        return built
+        return [build(**c.job_fields(choice), session_id=c.session_id, request_id=job_id, priority="batch")
+                for choice, job_id in enumerate(self.job_ids(base_id))]
 
     def as_json(self) -> str:
         """The line as stored for later (re-checked by :func:`line_from_json`)."""
@@ -138,6 +132,10 @@ def parse_line(text: str, number: int, endpoint: str | None,
     except APIError as e:
         return LineError(e.code or "invalid_request", f"line {number}: {e.message}", number,
                          f"body.{e.param}" if e.param else "body")
+    if completion.logprobs is not None or completion.echo:  # their rendering needs the vocabulary: not in batches yet
+        param = "body.echo" if completion.echo else "body.logprobs"
+        return LineError("unsupported_parameter", f"line {number}: logprobs and echo are not served in batches "
+                                                  "yet; send them to the endpoint itself", number, param)
     if served_models is not None and completion.model not in served_models:
         served = ", ".join(sorted(served_models)) or "none"
         return LineError("model_not_found", f"line {number}: the model {completion.model!r} is not served here "

@@ -112,11 +112,8 @@ class Completions:
         return stored, list(batch.handles)
 
     def _build(self, completion: Completion, choice: int, job_id: str, session_id: str | None) -> Any:
-        sampling = dict(completion.sampling)
-        if "seed" in sampling and completion.n > 1:
-            sampling["seed"] += choice % completion.n  # n choices of one seeded request: reproducible, not equal
-        return self.client.build_request(**completion.inputs[choice // completion.n], session_id=session_id,
-                                         request_id=job_id, priority=completion.priority, **sampling)
+        return self.client.build_request(**completion.job_fields(choice), session_id=session_id, request_id=job_id,
+                                         priority=completion.priority)
 
     async def vocabulary(self, model: str) -> Vocabulary:
         """``model``'s vocabulary (read once, then cached); 503 when no group of it published one."""

@@ -164,6 +164,17 @@ class Completion:
         """Jobs this completion runs: ``n`` per prompt."""
         return len(self.inputs) * self.n
 
+    def job_fields(self, choice: int) -> dict[str, Any]:
+        """The input and sampling fields of job ``choice`` (``build_request``'s keyword arguments).
+
+        Choice ``i`` of a seeded request with ``n > 1`` uses ``seed + i % n``:
+        reproducible, and not ``n`` equal answers.
+        """
+        sampling = dict(self.sampling)
+        if "seed" in sampling and self.n > 1:
+            sampling["seed"] += choice % self.n
+        return {**self.inputs[choice // self.n], **sampling}
+
 
 def _check_supported(body: dict[str, Any]) -> None:
     for name, (harmless, why) in UNSUPPORTED.items():

@@ -88,3 +88,12 @@ def test_openai_lines_are_told_from_tpq_batch_lines():
     assert not is_openai_line({"prompt": "x", "request_id": "r"})
     assert not is_openai_line([1])
     assert isinstance(parse_lines(data(line("a")), CHAT)[0][0], BatchLine)
+
+
+def test_logprobs_and_echo_are_refused_in_batches_by_name():
+    _, chat_errors = parse_lines(data(line("l", logprobs=True, top_logprobs=2)), CHAT)
+    assert [(e.line, e.code, e.param) for e in chat_errors] == [(1, "unsupported_parameter", "body.logprobs")]
+    _, text_errors = parse_lines(data(line("e", url=TEXT, echo=True), line("k", url=TEXT, logprobs=1)), TEXT)
+    assert [(e.line, e.code, e.param) for e in text_errors] == [
+        (1, "unsupported_parameter", "body.echo"), (2, "unsupported_parameter", "body.logprobs")]
+    assert "not served in batches" in text_errors[0].message
