@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import openai
 import pytest
 import redis
 import uvicorn
@@ -60,6 +61,32 @@ def start_gateway(redis_url: str) -> Iterator[Callable[..., GatewayServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def gateway(start_gateway, redis_url):
+    """``gateway(**settings)``: the base URL of a fresh gateway with a (stand-in) group registered."""
+
+    def make(**settings: object) -> str:
+        register_fake_group(redis_url)
+        return start_gateway(**settings).url
+
+    return make
+
+
+@pytest.fixture
+def sdk(gateway):
+    """``sdk(**settings)``: an ``openai.OpenAI`` client of a fresh gateway (no retries), with a group registered."""
+
+    def make(**settings: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{gateway(**settings)}/v1", api_key="unused", max_retries=0)
+
+    return make
+
+
+def keyed_sdk(base: str, key: str) -> openai.OpenAI:
+    """An ``openai.OpenAI`` client of the gateway at ``base`` that sends API key ``key`` (no retries)."""
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
 
 
 def register_fake_group(redis_url: str, model: str = FAKE_MODEL, group: str = "gw-fake") -> GroupInfo:

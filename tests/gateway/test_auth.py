@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from common import keys
 from producer.cli import keys as keys_cli
 from producer.gateway.auth import KeyGuard, bearer_token, create_key, key_id_of, list_keys, revoke_key
-from tests.gateway.conftest import FAKE_MODEL, register_fake_group, wait_for
+from tests.gateway.conftest import FAKE_MODEL, keyed_sdk, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -29,21 +29,6 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 def conn(redis_url):
     with redis.Redis.from_url(redis_url) as connection:
         yield connection
-
-
-@pytest.fixture
-def gateway(start_gateway, redis_url):
-    """``gateway(**settings)``: the base URL of a fresh gateway with a group registered."""
-
-    def make(**settings: object) -> str:
-        register_fake_group(redis_url)
-        return start_gateway(**settings).url
-
-    return make
-
-
-def sdk(base: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
 
 
 def body_of(caught: pytest.ExceptionInfo) -> dict:
@@ -69,21 +54,21 @@ def test_bearer_tokens_are_parsed_strictly() -> None:
 
 def test_without_keys_the_v1_routes_are_open(gateway):
     base = gateway()
-    assert [m.id for m in sdk(base, "anything").models.list().data] == [FAKE_MODEL]
+    assert [m.id for m in keyed_sdk(base, "anything").models.list().data] == [FAKE_MODEL]
     assert httpx.get(f"{base}/v1/models").status_code == 200  # no header at all
 
 
 def test_with_a_key_every_v1_route_needs_it(gateway, conn):
     key, _ = create_key(conn, "alice")
     base = gateway()
-    assert [m.id for m in sdk(base, key).models.list().data] == [FAKE_MODEL]
+    assert [m.id for m in keyed_sdk(base, key).models.list().data] == [FAKE_MODEL]
 
     with pytest.raises(openai.AuthenticationError) as caught:
-        sdk(base, "tpq-not-a-key-of-this-gateway").models.list()
+        keyed_sdk(base, "tpq-not-a-key-of-this-gateway").models.list()
     assert_401(caught, "incorrect API key provided: tpq-not-***")
     assert "tpq-not-a-key" not in body_of(caught)["message"]  # the key offered is not echoed whole
     with pytest.raises(openai.AuthenticationError):
-        sdk(base, "tpq-wrong").chat.completions.retrieve("chatcmpl-none")  # a route with a path parameter too
+        keyed_sdk(base, "tpq-wrong").chat.completions.retrieve("chatcmpl-none")  # a route with a path parameter too
     missing = httpx.post(f"{base}/v1/chat/completions", json={"model": FAKE_MODEL, "messages": MESSAGES})
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
     assert "didn't provide an API key" in missing.json()["error"]["message"]
@@ -98,7 +83,7 @@ def test_a_known_key_reaches_the_route_and_an_unknown_route_is_still_a_404(gatew
     key, _ = create_key(conn, "alice")
     base = gateway()
     with pytest.raises(openai.NotFoundError):
-        sdk(base, key).chat.completions.retrieve("chatcmpl-none")
+        keyed_sdk(base, key).chat.completions.retrieve("chatcmpl-none")
     assert httpx.get(f"{base}/v1/nothing-here").status_code == 401  # unauthenticated: nothing is revealed
 
 
@@ -106,12 +91,12 @@ def test_a_revoked_key_stops_working_at_once(gateway, conn):
     key, _ = create_key(conn, "alice")
     other, _ = create_key(conn, "bob")
     base = gateway()
-    assert sdk(base, key).models.list().data
+    assert keyed_sdk(base, key).models.list().data
     revoke_key(conn, "alice")
     with pytest.raises(openai.AuthenticationError) as caught:
-        sdk(base, key).models.list()
+        keyed_sdk(base, key).models.list()
     assert_401(caught, "unknown or was revoked")
-    assert sdk(base, other).models.list().data
+    assert keyed_sdk(base, other).models.list().data
 
 
 def test_a_new_key_closes_an_open_gateway_within_a_second(gateway, conn):
@@ -119,19 +104,19 @@ def test_a_new_key_closes_an_open_gateway_within_a_second(gateway, conn):
     assert httpx.get(f"{base}/v1/models").status_code == 200  # the gateway now remembers "no keys"
     key, _ = create_key(conn, "alice")
     wait_for(lambda: httpx.get(f"{base}/v1/models").status_code == 401, "the new key to take effect", timeout_s=1.5)
-    assert sdk(base, key).models.list().data
+    assert keyed_sdk(base, key).models.list().data
 
 
 def test_a_public_gateway_needs_a_key_even_before_one_exists(gateway, conn):
     base = gateway(http_host="0.0.0.0")  # as `tpq gateway --host 0.0.0.0` with a key (its app; it binds loopback)
     with pytest.raises(openai.AuthenticationError) as caught:
-        sdk(base, "anything").models.list()
+        keyed_sdk(base, "anything").models.list()
     assert_401(caught, "no API key exists yet")
     key, _ = create_key(conn, "alice")
-    assert sdk(base, key).models.list().data
+    assert keyed_sdk(base, key).models.list().data
     revoke_key(conn, "alice")
     with pytest.raises(openai.AuthenticationError):  # revoking the last key does not open it
-        sdk(base, key).models.list()
+        keyed_sdk(base, key).models.list()
     assert httpx.get(f"{gateway(http_host='0.0.0.0', http_allow_anonymous=True)}/v1/models").status_code == 200
 
 
@@ -140,7 +125,7 @@ def test_a_public_gateway_needs_a_key_even_before_one_exists(gateway, conn):
 ])
 def test_a_keys_priority_caps_its_requests(gateway, conn, worker, key_priority, asked, runs_at):
     key, _ = create_key(conn, "k", priority=key_priority)
-    client = sdk(gateway(), key)
+    client = keyed_sdk(gateway(), key)
     thread = worker.run_in_thread(["ok"])
     extra = {} if asked is None else {"priority": asked}
     answer = client.chat.completions.create(model=FAKE_MODEL, messages=MESSAGES, extra_body=extra)

@@ -18,21 +18,9 @@ import redis
 from common import keys
 from common.results import FinishReason
 from tests.doubles import ProtocolWorker
-from tests.gateway.conftest import FAKE_MODEL, register_fake_group, wait_for
+from tests.gateway.conftest import FAKE_MODEL, wait_for
 
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-def sdk(start_gateway, redis_url):
-    """``sdk(**settings)``: an ``openai.OpenAI`` client of a fresh gateway (no retries), with a group registered."""
-
-    def make(**settings: object) -> openai.OpenAI:
-        register_fake_group(redis_url)
-        server = start_gateway(**settings)
-        return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-    return make
 
 
 def chat_line(custom_id: str, content: str = "hi", **body: object) -> dict:

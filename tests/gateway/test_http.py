@@ -18,22 +18,10 @@ import redis
 from common import keys
 from common.settings import get_settings
 from producer import Client
-from tests.gateway.conftest import FAKE_MODEL, register_fake_group, wait_for
+from tests.gateway.conftest import FAKE_MODEL, wait_for
 from tests.gateway.sse import content_of, sse_events
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def sdk(start_gateway, redis_url):
-    """``sdk(**settings)``: an ``openai.OpenAI`` client of a fresh gateway (no retries), with a group registered."""
-
-    def make(**settings: object) -> openai.OpenAI:
-        register_fake_group(redis_url)
-        server = start_gateway(**settings)
-        return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-    return make
 
 
 # ------------------------------------------------------------------ answers

@@ -19,7 +19,7 @@ from common.settings import get_settings
 from producer.gateway.auth import ApiKey, create_key
 from producer.gateway.params import parse_chat, parse_completion
 from producer.gateway.ratelimit import RateLimiter, estimate_tokens, format_reset
-from tests.gateway.conftest import FAKE_MODEL, register_fake_group
+from tests.gateway.conftest import FAKE_MODEL, keyed_sdk
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -28,10 +28,6 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 def conn(redis_url):
     with redis.Redis.from_url(redis_url) as connection:
         yield connection
-
-
-def sdk(base: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
 
 
 def error_of(caught: pytest.ExceptionInfo) -> dict:
@@ -126,15 +122,6 @@ def test_a_token_bucket_charges_refunds_and_refuses_what_can_never_fit(limiter):
 # ------------------------------------------------------------------ through the gateway
 
 
-@pytest.fixture
-def gateway(start_gateway, redis_url):
-    def make(**settings: object) -> str:
-        register_fake_group(redis_url)
-        return start_gateway(**settings).url
-
-    return make
-
-
 def rate_limited_total(base: str, limit: str) -> float:
     for line in httpx.get(f"{base}/metrics").text.splitlines():
         if line.startswith(f'tpq_http_rate_limited_total{{limit="{limit}"}}'):
@@ -145,7 +132,7 @@ def rate_limited_total(base: str, limit: str) -> float:
 def test_the_third_request_of_a_two_rpm_key_is_a_429_with_openais_headers(gateway, conn):
     key, _ = create_key(conn, "two", rpm=2)
     base = gateway()
-    client = sdk(base, key)
+    client = keyed_sdk(base, key)
     refused_before = rate_limited_total(base, "requests")
     first = client.models.with_raw_response.list()
     second = client.models.with_raw_response.list()
@@ -166,7 +153,7 @@ def test_the_third_request_of_a_two_rpm_key_is_a_429_with_openais_headers(gatewa
 
 def test_limits_hold_across_two_gateway_replicas(gateway, conn):
     key, _ = create_key(conn, "shared", rpm=3)
-    one, two = sdk(gateway(), key), sdk(gateway(), key)
+    one, two = keyed_sdk(gateway(), key), keyed_sdk(gateway(), key)
     remaining = [int(c.models.with_raw_response.list().headers["x-ratelimit-remaining-requests"])
                  for c in (one, two, one)]
     assert remaining == [2, 1, 0]
@@ -180,7 +167,7 @@ def test_a_tpm_key_is_charged_its_estimate_corrected_by_the_usage_and_refused_pa
                                                                                        redis_url):
     key, _ = create_key(conn, "tokens", tpm=100)
     base = gateway()
-    client = sdk(base, key)
+    client = keyed_sdk(base, key)
     thread = worker.run_in_thread(["a", "b"])
     answer = client.chat.completions.with_raw_response.create(model=FAKE_MODEL, messages=MESSAGES, max_tokens=40)
     thread.join(timeout=30)
@@ -207,7 +194,7 @@ def test_a_tpm_key_is_charged_its_estimate_corrected_by_the_usage_and_refused_pa
 def test_a_request_that_fails_before_enqueueing_gets_its_tokens_back(gateway, conn):
     key, _ = create_key(conn, "refund", tpm=1000)
     base = gateway(max_prompt_chars=100)
-    client = sdk(base, key)
+    client = keyed_sdk(base, key)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=500)
     with pytest.raises(openai.BadRequestError, match="TPQ_MAX_PROMPT_CHARS"):  # prompts are bounded (the client's)
