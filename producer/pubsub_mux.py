@@ -46,7 +46,7 @@ class _Channel:
 
 
 class PubSubHub:
-    """One pub/sub connection (from ``conn``'s URL, made on first use) shared by many :class:`Subscription` s."""
+    """One pub/sub connection (``conn.pubsub()``, made on first use) shared by many :class:`Subscription` s."""
 
     def __init__(self, conn: redis.asyncio.Redis) -> None:
         self._conn = conn
