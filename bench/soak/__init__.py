@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.soak --jobs 200                    # a few minutes
     .venv/bin/python -m bench.soak --groups 2 --redis-sigkill    # the full run: 2,000 jobs (bench/RESULTS.md)
+    .venv/bin/python -m bench.soak --http                        # a share of the jobs through 2 gateway replicas
 
 The stack is the real one, every part its own process: an embedded
 redis-server (AOF on, ``appendfsync everysec``), ``tpq supervisor`` (restarted
@@ -15,6 +16,14 @@ one (``--stream-fraction`` of them read through ``JobHandle.stream()`` while
 they run, the rest through ``result()``) and session-less jobs in small
 ``submit_batch`` batches (``BatchHandle.results()``). A client that finds
 Redis unreachable retries with the same request id, as any client would.
+
+With ``--http``, ``--gateways`` ``tpq gateway`` replicas (their own
+processes, restarted when they exit) also serve the stack, and
+``--http-fraction`` of the session jobs go through them as
+``POST /v1/completions`` from HTTP clients, streamed or not as the others:
+a client whose replica fails moves to the other one, a stream resuming
+with ``Last-Event-ID`` (:mod:`bench.soak.http_clients`). ``gateway-kill``
+(kill -9 of a replica) joins the faults.
 
 The chaos thread waits ``--interval-s`` (+-50%) after the stack has recovered
 from its previous fault, then picks one of: kill -9 of a random non-zero

@@ -16,9 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 import bench.soak
 from bench.soak.chaos import DEFAULT_FAULTS, FAULTS, Chaos
 from bench.soak.checks import find, settle
+from bench.soak.gateways import Gateways
+from bench.soak.http_clients import HttpJobs
 from bench.soak.report import report
 from bench.soak.workload import Clients, Clock, make_specs, work_units
 from common.redis_conn import connect
@@ -60,6 +64,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grace-s", type=float, default=300.0, help="time the jobs have after the chaos stops")
     parser.add_argument("--recovery-timeout-s", type=float, default=120.0,
                         help="a part not back within this is reported wedged")
+    parser.add_argument("--http", action="store_true",
+                        help="also run --gateways gateway replicas, send --http-fraction of the session jobs through "
+                             "them, and kill them among the faults (gateway-kill)")
+    parser.add_argument("--gateways", type=int, default=2, help="gateway replicas with --http")
+    parser.add_argument("--http-fraction", type=float, default=0.5, help="of the session jobs, with --http")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-file", default=None, help="the stack's logs (default: a file in /tmp, printed)")
     parser.add_argument("--log-level", default="WARNING")
@@ -69,6 +78,10 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"unknown fault(s) {', '.join(sorted(unknown))}; known: {', '.join(FAULTS)}")
     if args.redis_sigkill and "redis-kill" not in args.kinds:
         args.kinds.append("redis-kill")
+    if args.http and "gateway-kill" not in args.kinds:
+        args.kinds.append("gateway-kill")
+    if "gateway-kill" in args.kinds and not args.http:
+        parser.error("the gateway-kill fault needs --http (the gateway replicas)")
     if args.tp < 2 and "rank" in args.kinds:
         args.kinds.remove("rank")  # no non-zero rank to kill
     return args
@@ -103,22 +116,30 @@ def main() -> int:
         stack = LocalStack(settings, StackOptions(
             groups=args.groups, tp=args.tp, log_level=args.log_level, metrics=False,
             worker_args=["--model", str(model), "--kv-cache-gb", "0.05"]))
+        gateways = Gateways(server.url, args.gateways, args.log_level) if args.http else None
         try:
             stack.start()
             stack.wait_ready(timeout_s=300)
+            if gateways is not None:
+                gateways.start().wait_healthy()
             with Client(server.url, settings=settings) as client:
-                return run(args, rng, stack, server, client)
+                return run(args, rng, stack, server, client, gateways)
         finally:
+            if gateways is not None:
+                gateways.stop()
             stack.stop()
             server.close()
 
 
-def run(args: argparse.Namespace, rng: random.Random, stack: LocalStack, server: RedisServer, client: Client) -> int:
+def run(args: argparse.Namespace, rng: random.Random, stack: LocalStack, server: RedisServer, client: Client,
+        gateways: Gateways | None) -> int:
     """The soak on a started stack: 0 when no job was lost and every defect is explained by a lossy crash."""
     specs = make_specs(args.jobs, rng, args)
     clock = Clock(args.grace_s)
-    clients = Clients(client, work_units(specs, args.batch_size), args.clients, clock)
-    chaos = Chaos(stack, server, args.kinds, args.interval_s, args.recovery_timeout_s, rng, args.aof_lost_s)
+    http = HttpJobs(gateways, served_model(gateways), clock.over) if gateways is not None else None
+    clients = Clients(client, work_units(specs, args.batch_size), args.clients, clock, http)
+    chaos = Chaos(stack, server, args.kinds, args.interval_s, args.recovery_timeout_s, rng, args.aof_lost_s,
+                  gateways, http)
     started = time.monotonic()
     print(f"soak: {len(specs)} jobs, {args.clients} client threads, faults: {', '.join(args.kinds)}", flush=True)
     clients.start()
@@ -139,6 +160,14 @@ def run(args: argparse.Namespace, rng: random.Random, stack: LocalStack, server:
         return 0 if found.clean else 1
     finally:
         conn.close()
+
+
+def served_model(gateways: Gateways) -> str:
+    """The one model the stack's groups serve, as the gateway names it (``GET /v1/models``)."""
+    models = [m["id"] for m in httpx.get(f"{gateways.url(0)}/v1/models", timeout=10).json()["data"]]
+    if len(models) != 1:
+        raise RuntimeError(f"expected the gateway to serve one model, it serves {models}")
+    return models[0]
 
 
 if __name__ == "__main__":

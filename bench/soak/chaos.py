@@ -2,8 +2,9 @@
 
 One fault every ``interval_s`` (+-50%) after the stack recovered from the
 previous one: kill -9 of a random non-zero rank, of rank 0, of the
-supervisor, a Redis restart (SIGTERM) and a Redis SIGKILL that also cuts the
-AOF back by what a machine crash would lose.
+supervisor, a Redis restart (SIGTERM), a Redis SIGKILL that also cuts the
+AOF back by what a machine crash would lose and, with ``--http``, kill -9 of
+a gateway replica (its clients move to the other one).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.soak.gateways import Gateways
+from bench.soak.http_clients import HttpJobs
 from bench.soak.workload import REDIS_ERRORS
 from common import keys
 from common.groups import FENCED_FIELD, read_group, read_groups, read_heartbeats, read_shard_map
@@ -25,8 +28,8 @@ from producer.local_stack.embedded_redis import RedisServer
 from producer.local_stack.stack import LocalStack
 from router.rq_maintenance import started_entries
 
-FAULTS = ("rank", "rank0", "supervisor", "redis", "redis-kill")
-DEFAULT_FAULTS = FAULTS[:4]  # redis-kill with --redis-sigkill
+FAULTS = ("rank", "rank0", "supervisor", "redis", "redis-kill", "gateway-kill")
+DEFAULT_FAULTS = FAULTS[:4]  # redis-kill with --redis-sigkill, gateway-kill with --http
 
 
 @dataclass
@@ -87,9 +90,11 @@ class Chaos(threading.Thread):
     """Injects one fault every ``interval_s`` (+-50%) after the stack has recovered from the previous one."""
 
     def __init__(self, stack: LocalStack, server: RedisServer, kinds: list[str], interval_s: float,
-                 recovery_timeout_s: float, rng: random.Random, aof_lost_s: float) -> None:
+                 recovery_timeout_s: float, rng: random.Random, aof_lost_s: float,
+                 gateways: Gateways | None = None, http: HttpJobs | None = None) -> None:
         super().__init__(name="soak-chaos", daemon=True)
         self.stack, self.server, self.kinds = stack, server, kinds
+        self.gateways, self.http = gateways, http
         self.aof = AofTail(server.dir / "appendonly.aof", aof_lost_s) if aof_lost_s > 0 else None
         if self.aof is not None:
             self.aof.start()
@@ -124,6 +129,8 @@ class Chaos(threading.Thread):
     def _inject(self, kind: str) -> Fault | None:
         if kind in ("rank", "rank0"):
             return self._kill_rank(kind)
+        if kind == "gateway-kill":
+            return self._kill_gateway()
         interrupted = {e.job_id for e in started_entries(self.conn, self.queue_names)}
         now_wall, now_mono = time.time(), time.monotonic()
         if kind == "supervisor":
@@ -165,6 +172,16 @@ class Chaos(threading.Thread):
         return Fault(kind, f"{group} rank {rank} pid {pid} (incarnation {info.incarnation})", now_wall, now_mono,
                      interrupted)
 
+    def _kill_gateway(self) -> Fault | None:
+        replica = self.rng.randrange(len(self.gateways.ports))
+        interrupted = self.http.on_replica(replica)
+        now_wall, now_mono = time.time(), time.monotonic()
+        pid = self.gateways.kill(replica)
+        if pid is None:
+            self.skipped[f"gateway-kill (replica {replica} not running)"] += 1
+            return None
+        return Fault("gateway-kill", f"replica {replica} pid {pid}", now_wall, now_mono, interrupted)
+
     def _live_groups(self) -> dict:
         """Groups whose every rank heartbeats with the registered incarnation: ``{name: (info, beats)}``."""
         live = {}
@@ -189,6 +206,10 @@ class Chaos(threading.Thread):
         return None
 
     def _recovered(self, fault: Fault) -> bool:
+        if fault.kind == "gateway-kill":  # a new process on the replica's port, answering /health with 200
+            _, replica, _, pid = fault.target.split()
+            new = self.gateways.pid(int(replica))
+            return new is not None and new != int(pid) and self.gateways.healthy(int(replica))
         if fault.kind == "supervisor":
             owner = as_optional_text(self.conn.get(keys.supervisor_lock()))
             return owner is not None and owner not in fault.target

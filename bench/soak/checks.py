@@ -49,13 +49,16 @@ def find(outcomes: dict[str, Outcome], faults: list[Fault], conn, unsettled: lis
     finished = [o for o in outcomes.values() if o.state == "finished"]
     found = Findings(lossy={o.spec.job_id for o in outcomes.values() if exposed(o, faults)},
                      lost=[o for o in outcomes.values() if o.state == "lost"], unsettled=unsettled)
-    for o in (o for o in finished if o.spec.stream):
-        d, m, x = check_stream(o)
-        found.counts.update({"duplicated": d, "missing": m, "differing": x})
+    for o in (o for o in finished if o.spec.stream or o.spec.http):
+        d, m, x = check_http(o) if o.spec.http else check_stream(o)
+        prefix = "http_" if o.spec.http else ""
+        found.counts.update({f"{prefix}duplicated": d, f"{prefix}missing": m, f"{prefix}differing": x})
         if o.spec.job_id in found.lossy:
-            found.counts.update({"duplicated_lossy": d, "missing_lossy": m, "differing_lossy": x})
+            found.counts.update({f"{prefix}duplicated_lossy": d, f"{prefix}missing_lossy": m,
+                                 f"{prefix}differing_lossy": x})
         if d or m or x or o.stream_error:
-            found.defects.append((o.spec.job_id, f"live stream: {d} duplicated, {m} missing, {x} differing tokens "
+            what = "HTTP " + ("stream" if o.spec.stream else "answer") if o.spec.http else "live stream"
+            found.defects.append((o.spec.job_id, f"{what}: {d} duplicated, {m} missing, {x} differing tokens "
                                                  f"{o.stream_error}"))
     found.changed = [o for o in finished if o.final is not None and o.final.token_ids != o.result.token_ids]
     for o in found.changed:
@@ -76,10 +79,16 @@ def find(outcomes: dict[str, Outcome], faults: list[Fault], conn, unsettled: lis
 
 
 def next_tokens(faults: list[Fault], outcomes: dict[str, Outcome]) -> None:
-    """Each fault's time to the next token a client received of a job it interrupted, sampled after it."""
+    """Each fault's time to the next token a client received of a job it interrupted, sampled after it.
+
+    A gateway kill interrupts HTTP clients, whose events carry no sampling
+    time: for it, the next event received after it.
+    """
     for fault in faults:
+        http = fault.kind == "gateway-kill"
         received = [recv for job_id in fault.interrupted if job_id in outcomes
-                    for _i, _t, _x, sampled, recv in outcomes[job_id].events if sampled > fault.at_wall]
+                    for _i, _t, _x, sampled, recv in outcomes[job_id].events
+                    if (recv if http else sampled) > fault.at_wall]
         if received:
             fault.next_token_s = min(received) - fault.at_wall
 
@@ -96,6 +105,31 @@ def check_stream(outcome: Outcome) -> tuple[int, int, int]:
     differing = sum(1 for i, token_id in first.items() if i < len(tokens) and tokens[i] != token_id)
     text = "".join(x for _i, _t, x, *_ in sorted(outcome.events, key=lambda e: e[0]))
     return duplicated, missing, differing + (text != outcome.result.text and not (duplicated or missing))
+
+
+def check_http(outcome: Outcome) -> tuple[int, int, int]:
+    """(duplicated, missing, differing) tokens of what an HTTP client received against its job's result.
+
+    A stream's text events carry the index of their last token as their id
+    (an event covers the tokens after the previous event's, the empty-text
+    ones among them), the finish event that of the job's last token: a
+    duplicated token is an event whose id is not past the one before it, a
+    missing one a token no event covers. Differing: the joined text is not
+    the result's, or the usage or finish reason disagrees with it. A
+    non-streamed answer: its text and usage against the result.
+    """
+    answer, tokens = outcome.http, outcome.result.token_ids
+    reported = (answer.completion_tokens == len(tokens) and answer.finish_reason == outcome.result.finish_reason.value)
+    if not outcome.spec.stream:
+        return 0, 0, int(answer.text != outcome.result.text or not reported)
+    covered, duplicated, last = set(), 0, -1
+    for event_id, *_ in answer.events + ([(answer.end_id,)] if answer.end_id is not None else []):
+        if event_id <= last and event_id != answer.end_id:
+            duplicated += 1
+        covered.update(range(last + 1, event_id + 1))
+        last = max(last, event_id)
+    missing = sum(1 for i in range(len(tokens)) if i not in covered) + sum(1 for i in covered if i >= len(tokens))
+    return duplicated, missing, int(answer.text != outcome.result.text or not reported)
 
 
 def check_log(conn, job_id: str, result: JobResult) -> str:

@@ -33,11 +33,11 @@ def _table(args: argparse.Namespace, specs: list[Spec], clients: Clients, chaos:
     attempts = collections.Counter((o.final or o.result).attempt for o in finished)
     kinds = collections.Counter(f.kind for f in chaos.faults)
     sessions = sum(s.session_id is not None for s in specs)
-    streamed = sum(o.spec.stream for o in finished)
+    streamed = sum(o.spec.stream and not o.spec.http for o in finished)
 
     def split(figure: str) -> str:
         lossy_part = counts[f"{figure}_lossy"]
-        return f"{counts[figure]} {figure}" + (f" ({lossy_part} lossy)" if lossy_part else "")
+        return f"{counts[figure]} {figure.removeprefix('http_')}" + (f" ({lossy_part} lossy)" if lossy_part else "")
 
     def lossy_of(items: list[Outcome]) -> str:
         n = sum(o.spec.job_id in lossy for o in items)
@@ -58,6 +58,8 @@ def _table(args: argparse.Namespace, specs: list[Spec], clients: Clients, chaos:
     print(f"| lost (no terminal state {args.grace_s:g} s after the chaos stopped) | {len(found.lost)} |")
     print(f"| live streams checked against the result their client got | {streamed}: {split('duplicated')}, "
           f"{split('missing')}, {split('differing')} tokens |")
+    if args.http:
+        _http_rows(args, outcomes, finished, split)
     print(f"| results that changed after their client got them (ran again) | {len(found.changed)}"
           f"{lossy_of(found.changed)} |")
     print(f"| token logs checked against the final results | {len(finished) - len(found.forgotten)}: "
@@ -82,6 +84,22 @@ def _table(args: argparse.Namespace, specs: list[Spec], clients: Clients, chaos:
     print(f"| client calls retried (Redis unreachable) | {clients.redis_retries} |")
     if chaos.skipped:
         print("faults skipped: " + ", ".join(f"{k} {n}" for k, n in chaos.skipped.items()))
+
+
+def _http_rows(args: argparse.Namespace, outcomes: dict[str, Outcome], finished: list[Outcome], split) -> None:
+    """The table's rows for the jobs that went through the gateway replicas."""
+    http = [o for o in outcomes.values() if o.spec.http]
+    answers = [o.http for o in http if o.http is not None]
+    moved = [a for a in answers if a.failovers]
+    checked = [o for o in finished if o.spec.http]
+    print(f"| jobs through the {args.gateways} gateway replicas (POST /v1/completions) | {len(http)}: "
+          f"{sum(o.spec.stream for o in http)} streamed |")
+    print(f"| HTTP clients moved to the other replica | {len(moved)} jobs, {sum(a.failovers for a in moved)} times; "
+          f"{sum(a.resumes for a in answers)} streams resumed with Last-Event-ID, "
+          f"{sum(a.posts - 1 for a in answers)} requests posted again |")
+    print(f"| HTTP answers checked against their job's result | {len(checked)} "
+          f"({sum(o.spec.stream for o in checked)} streams): {split('http_duplicated')}, {split('http_missing')}, "
+          f"{split('http_differing')} |")
 
 
 def _jobs(conn, outcomes: dict[str, Outcome], found: Findings) -> None:

@@ -1,14 +1,16 @@
 """The soak's workload: the jobs it submits and the client threads that run them to their end.
 
 Session jobs go one by one (some read live through ``JobHandle.stream()``,
-the rest through ``result()``), session-less ones in ``submit_batch``
-batches. A client that finds Redis unreachable retries with the same request
+the rest through ``result()``; with ``--http``, some through the gateway
+replicas instead: :mod:`bench.soak.http_clients`), session-less ones in
+``submit_batch`` batches. A client that finds Redis unreachable retries with the same request
 id; one that finds a job it submitted gone submits it again.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import random
 import threading
 import time
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from bench.soak.http_clients import HttpAnswer, HttpJobs, JobEnded
 from common.errors import JobCancelled, JobFailed, JobNotFound, ResultTimeout, StreamIncomplete, TpqError
 from common.redis_conn import RedisUnavailableError
 from common.results import JobResult
@@ -36,6 +39,7 @@ class Spec:
     session_id: str | None
     sampling: dict
     stream: bool
+    http: bool = False  # through a gateway replica (``POST /v1/completions``), not the Python client
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Outcome:
     submitted_at: float = 0.0  # Unix times: first submitted, and its end seen by the client
     ended_at: float | None = None
     final: JobResult | None = None  # the result Redis holds once everything settled
+    http: HttpAnswer | None = None  # what an HTTP client received (``Spec.http``)
 
     def end(self, state: str, result: JobResult | None = None, error: str = "") -> None:
         self.state, self.result, self.error, self.ended_at = state, result, error, time.time()
@@ -68,9 +73,12 @@ def make_specs(n: int, rng: random.Random, args: argparse.Namespace) -> list[Spe
         if not greedy:
             sampling["seed"] = rng.randrange(1 << 30)
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
-        specs.append(Spec(job_id=f"soak-{args.seed}-{i}", prompt=f"{i}: {words}",
-                          session_id=f"s{rng.randrange(args.sessions)}" if session else None,
-                          sampling=sampling, stream=session and rng.random() < args.stream_fraction))
+        spec = Spec(job_id=f"soak-{args.seed}-{i}", prompt=f"{i}: {words}",
+                    session_id=f"s{rng.randrange(args.sessions)}" if session else None,
+                    sampling=sampling, stream=session and rng.random() < args.stream_fraction)
+        if session and args.http:  # drawn only then: a run without --http submits what it always did
+            spec = dataclasses.replace(spec, http=rng.random() < args.http_fraction)
+        specs.append(spec)
     return specs
 
 
@@ -108,8 +116,9 @@ class Clock:
 class Clients:
     """``threads`` client threads that run the work units to their end (or the clock's)."""
 
-    def __init__(self, client: Client, units: list[list[Spec]], threads: int, clock: Clock) -> None:
-        self.client, self.clock = client, clock
+    def __init__(self, client: Client, units: list[list[Spec]], threads: int, clock: Clock,
+                 http: HttpJobs | None = None) -> None:
+        self.client, self.clock, self.http = client, clock, http
         self._units = collections.deque(units)
         self._lock = threading.Lock()
         self.outcomes: dict[str, Outcome] = {}
@@ -186,11 +195,27 @@ class Clients:
 
     def _session_job(self, spec: Spec) -> None:
         outcome = self.outcomes[spec.job_id] = Outcome(spec, submitted_at=time.time())
+        if spec.http:
+            self._http_job(spec, outcome)
+            return
         handle = self._submit(spec)
         self._submitted()
         if spec.stream:
             self._stream(handle, outcome)
         self._result(handle, outcome)
+
+    def _http_job(self, spec: Spec, outcome: Outcome) -> None:
+        """``spec`` through the gateway (its session picks the first replica), then its result from Redis."""
+        try:
+            outcome.http = self.http.run(spec, replica=int(spec.session_id[1:]) % len(self.http.gateways.ports),
+                                         posted=self._submitted)
+        except JobEnded as exc:
+            outcome.end(exc.state, error=str(exc))
+            return
+        if outcome.http is None:
+            return  # the clock ended first: lost
+        outcome.events = [(index, -1, text, 0.0, received) for index, text, received in outcome.http.events]
+        self._result(self._retry_redis(lambda: self.client.job(spec.job_id)), outcome)
 
     def _stream(self, handle, outcome: Outcome) -> None:
         stream = handle.stream(timeout=WAIT_S)
