@@ -25,3 +25,5 @@ class EngineConfig(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1, description="exact KV-cache size; overrides kv_cache_gb")
     enable_prefix_caching: bool = True
     start_timeout_s: float = Field(120.0, gt=0)
+    collective_timeout_s: float = Field(60.0, gt=0, description="ranks 1.. give up on a plan or collective that "
+                                        "waits this long (rank 0 died or hung); an idle rank 0 sends keepalives")

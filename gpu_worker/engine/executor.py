@@ -4,6 +4,12 @@ Rank 0 broadcasts each step's plan; every rank runs the same forward on its
 slice of the weights and KV cache; logits come back to rank 0. When any rank
 dies, the others stop within seconds: a collective with a dead peer fails,
 and child ranks also exit when their parent process goes away.
+
+A collective that waits longer than the process group's timeout fails too,
+so an idle rank 0 (no step for ``KEEPALIVE_S``) sends a keepalive plan from
+a thread; without it the other ranks, waiting for the next plan, would give
+up on an idle group after a minute. One lock keeps the keepalive out of a
+step's collectives.
 """
 from __future__ import annotations
 
@@ -19,12 +25,14 @@ from common.errors import WorkerGroupError
 from common.logs import configure_logging
 from gpu_worker.layers.distributed import destroy_group, free_port, init_group, rank_device, threads_per_rank
 from gpu_worker.engine.model_runner import ModelRunner, RunnerSpec
-from gpu_worker.engine.plan import Command, PlanChannel, StepPlan, shutdown_plan
+from gpu_worker.engine.plan import Command, PlanChannel, StepPlan, command_plan, shutdown_plan
 from common.heartbeat import HeartbeatSpec, HeartbeatThread
 
 log = logging.getLogger("tpqueue.executor")
 
 PARENT_POLL_S = 0.5
+KEEPALIVE_S = 10.0
+"""Seconds without a step after which rank 0 sends a keepalive; a sixth of a collective timeout under 60 s."""
 
 
 class Executor:
@@ -37,6 +45,10 @@ class Executor:
         self._children: list[mp.Process] = []
         self._channel = PlanChannel(rank_device(spec.device, 0)) if world_size > 1 else None
         self._closed = False
+        self._send_lock = threading.Lock()  # one step's collectives, or one keepalive, at a time
+        self._last_sent = time.monotonic()
+        self._keepalive_stop = threading.Event()
+        self._keepalive_s = min(KEEPALIVE_S, spec.collective_timeout_s / 6)
         torch.set_num_threads(threads_per_rank(world_size))
         init_method = f"tcp://127.0.0.1:{free_port()}"
         pipes = self._start_children(spec, init_method)
@@ -48,6 +60,8 @@ class Executor:
             self._kill_children()
             destroy_group()
             raise
+        if self._channel is not None:
+            threading.Thread(target=self._keep_alive, name="tpq-rank0-keepalive", daemon=True).start()
 
     @property
     def child_pids(self) -> list[int]:
@@ -56,9 +70,12 @@ class Executor:
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """One step on every rank; the float32 logits [seqs, vocab]."""
         try:
-            if self._channel is not None:
-                self._channel.send(plan)
-            return self.runner.execute(plan)
+            with self._send_lock:
+                if self._channel is not None:
+                    self._channel.send(plan)
+                logits = self.runner.execute(plan)
+                self._last_sent = time.monotonic()
+                return logits
         except RuntimeError as exc:
             if self.world_size > 1:
                 self._fail(f"a collective failed (a rank of the group died?): {exc}")
@@ -67,16 +84,31 @@ class Executor:
     def shutdown(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        if self._channel is not None and all(p.is_alive() for p in self._children):
-            try:
-                self._channel.send(shutdown_plan())
-            except RuntimeError:
-                pass
+        self._keepalive_stop.set()
+        with self._send_lock:
+            self._closed = True
+            if self._channel is not None and all(p.is_alive() for p in self._children):
+                try:
+                    self._channel.send(shutdown_plan())
+                except RuntimeError:
+                    pass
         for p in self._children:
             p.join(timeout=10)
         self._kill_children()
         destroy_group()
+
+    def _keep_alive(self) -> None:
+        """Send a keepalive plan whenever no plan went out for a keepalive interval, until shutdown or a failure."""
+        while not self._keepalive_stop.wait(self._keepalive_s / 4):
+            with self._send_lock:
+                if self._closed or time.monotonic() - self._last_sent < self._keepalive_s:
+                    continue
+                try:
+                    self._channel.send(command_plan(Command.KEEPALIVE))
+                except RuntimeError as exc:  # a rank is gone: the next step fails and says so
+                    log.warning("rank 0: keepalive failed, stopping keepalives: %s", exc)
+                    return
+                self._last_sent = time.monotonic()
 
     def _start_children(self, spec: RunnerSpec, init_method: str) -> list:
         ctx = mp.get_context("spawn")
@@ -106,6 +138,7 @@ class Executor:
     def _fail(self, reason: str) -> None:
         dead = [i + 1 for i, p in enumerate(self._children) if not p.is_alive()]
         self._closed = True
+        self._keepalive_stop.set()
         self._kill_children()
         destroy_group()  # shutdown() will not run again: without this the process could never start a group again
         raise WorkerGroupError(f"worker group failed: {reason}; dead ranks: {dead or 'none seen'}")
@@ -127,7 +160,7 @@ def run_rank(rank: int, world_size: int, init_method: str, spec: RunnerSpec, rea
     torch.set_num_threads(threads_per_rank(world_size))
     _exit_when_parent_dies(parent_pid)
     try:
-        init_group(rank, world_size, init_method, rank_device(spec.device, rank))
+        init_group(rank, world_size, init_method, rank_device(spec.device, rank), timeout_s=spec.collective_timeout_s)
         runner = ModelRunner(spec)
     except Exception as exc:  # report any start failure to rank 0, which raises it
         ready_pipe.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -138,9 +171,10 @@ def run_rank(rank: int, world_size: int, init_method: str, spec: RunnerSpec, rea
     if heartbeat is not None:
         HeartbeatThread(heartbeat, rank, step=lambda: steps[0]).start()
     try:
-        while (plan := channel.recv()).command is Command.STEP:
-            runner.execute(plan)
-            steps[0] += 1
+        while (plan := channel.recv()).command is not Command.SHUTDOWN:
+            if plan.command is Command.STEP:
+                runner.execute(plan)
+                steps[0] += 1
     except RuntimeError as exc:
         log.error("rank %d: leaving after a failed collective: %s", rank, exc)
         os._exit(1)

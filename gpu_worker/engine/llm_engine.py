@@ -80,7 +80,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                    self.block_manager)
         self.sampler = Sampler()
-        spec = RunnerSpec(str(self.model_dir), config.dtype, device, config.block_size, num_blocks)
+        spec = RunnerSpec(str(self.model_dir), config.dtype, device, config.block_size, num_blocks,
+                          config.collective_timeout_s)
         self.executor = Executor(spec, config.tp, config.start_timeout_s, heartbeat)
         self._requests: dict[str, _Request] = {}
         self.stats = EngineStats()

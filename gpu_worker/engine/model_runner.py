@@ -28,6 +28,7 @@ class RunnerSpec:
     device: str
     block_size: int
     num_blocks: int
+    collective_timeout_s: float = 60.0  # ranks 1..: how long a collective may wait for rank 0
 
 
 @dataclass

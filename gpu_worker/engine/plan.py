@@ -22,8 +22,11 @@ HEADER_SIZE = 4
 
 
 class Command(IntEnum):
+    """What a plan tells the other ranks to do."""
+
     STEP = 1
     SHUTDOWN = 2
+    KEEPALIVE = 3  # nothing: an idle rank 0 says it is there before the ranks' collective timeout runs out
 
 
 @dataclass
@@ -72,7 +75,12 @@ def pack_step(seqs: list[Sequence], num_new: list[int], block_size: int,
 
 
 def shutdown_plan() -> StepPlan:
-    return StepPlan(torch.tensor([Command.SHUTDOWN, 0, 0, 0], dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    return command_plan(Command.SHUTDOWN)
+
+
+def command_plan(command: Command) -> StepPlan:
+    """A plan with no step in it: ``SHUTDOWN`` or ``KEEPALIVE``."""
+    return StepPlan(torch.tensor([command, 0, 0, 0], dtype=torch.int64), torch.empty(0, dtype=torch.int64))
 
 
 def payload_size(header: torch.Tensor) -> int:

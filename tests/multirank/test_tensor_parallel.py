@@ -92,3 +92,39 @@ def test_child_ranks_exit_when_rank0_dies(tiny_llama_dir):
         assert wait_gone(children, 10) < 10
     finally:
         proc.kill()
+
+
+COLLECTIVE_TIMEOUT_S = 3.0
+
+
+def idle_past_the_collective_timeout(engine: Engine) -> None:
+    """Leave the group without a step for longer than its ranks' collective timeout (measured, not assumed)."""
+    idle_from = time.monotonic()
+    deadline = idle_from + COLLECTIVE_TIMEOUT_S * 1.5
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert time.monotonic() - idle_from > COLLECTIVE_TIMEOUT_S
+
+
+def test_an_idle_group_outlives_its_collective_timeout(tiny_llama_dir):
+    with Engine(str(tiny_llama_dir), tp=2, collective_timeout_s=COLLECTIVE_TIMEOUT_S) as group:
+        first = group.generate("before the pause", GREEDY)[0].token_ids
+        idle_past_the_collective_timeout(group)
+        [child] = group.llm.executor.child_pids
+        assert pid_alive(child)
+        assert group.generate("before the pause", GREEDY)[0].token_ids == first
+
+
+def test_without_keepalives_an_idle_group_loses_its_ranks(tiny_llama_dir, monkeypatch):
+    """The failure the keepalive prevents (found by the chaos soak: idle tp=2 groups died after 60 s)."""
+    monkeypatch.setattr(Executor, "_keep_alive", lambda self: None)
+    engine = Engine(str(tiny_llama_dir), tp=2, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+    try:
+        engine.generate("before the pause", GREEDY)
+        [child] = engine.llm.executor.child_pids
+        idle_past_the_collective_timeout(engine)
+        wait_gone([child], timeout_s=10)
+        with pytest.raises(WorkerGroupError):
+            engine.generate("after the pause", GREEDY)
+    finally:
+        engine.close()
