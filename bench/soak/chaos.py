@@ -183,12 +183,15 @@ class Chaos(threading.Thread):
         return Fault("gateway-kill", f"replica {replica} pid {pid}", now_wall, now_mono, interrupted)
 
     def _live_groups(self) -> dict:
-        """Groups whose every rank heartbeats with the registered incarnation: ``{name: (info, beats)}``."""
+        """Groups whose every rank heartbeats with the registered incarnation, not fenced: ``{name: (info, beats)}``."""
         live = {}
         beats = read_heartbeats(self.conn)
         for name, info in read_groups(self.conn).items():
             mine = {b.rank: b for b in beats if b.group == name and b.incarnation == info.incarnation}
-            if len(mine) == info.tp and self.conn.hget(keys.group_info(name), FENCED_FIELD) is None:
+            # a fence of an earlier incarnation may outlive its successor's registration (the supervisor fenced it
+            # after the new one registered): only a fence of this incarnation stops it
+            fenced = as_optional_text(self.conn.hget(keys.group_info(name), FENCED_FIELD))
+            if len(mine) == info.tp and fenced != info.incarnation:
                 live[name] = (info, [mine[r] for r in range(info.tp)])
         return live
 
