@@ -215,9 +215,10 @@ def _raise_error(error: dict, status: int | None) -> None:
         raise JobEnded("failed", message)
     if code == "cancelled":
         raise JobEnded("cancelled", message)
-    transient = code in TRANSIENT_CODES or code == "queue_full" or (status is not None and status >= 500)
-    if transient or (status == 404 and error.get("param") == "model"):  # no live group serves it right now
+    if status == 404 and error.get("param") == "model":  # no live group serves the model right now
         raise _Retry(f"{status} {code}: {message}")
-    if status == 404:
+    if code == "not_found" or status == 404:  # also a stream's error event: Redis lost the job while it ran
         raise _Gone()
+    if code in TRANSIENT_CODES or code == "queue_full" or (status is not None and status >= 500):
+        raise _Retry(f"{status} {code}: {message}")
     raise JobEnded("failed", f"HTTP {status} {code}: {message}")
