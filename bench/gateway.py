@@ -15,9 +15,11 @@ process, as ``tpq up`` runs them) serves every part:
    stream of part 1, the time it reached the client minus the time rank 0
    sampled it (``TokenEvent.sampled_at``; for a gateway stream read back
    from the job's token log), through the gateway and through the client;
-   the difference of their p50 and of their p99; and the same for
-   ``--alone`` streams run one at a time (no burst of 32 first tokens to
-   queue behind). Target: p50 <= 3 ms.
+   the difference of their p50 and of their p99; the same for a third
+   round of the same streams read as raw SSE with httpx (no SDK: the
+   gateway's own part, apart from the SDK's parsing of every chunk in the
+   clients' process); and the same for ``--alone`` streams run one at a
+   time (no burst of 32 first tokens to queue behind). Target: p50 <= 3 ms.
 3. Peak RSS of the gateway process (``VmHWM``) with ``--open-streams`` open
    streams (opened against a busy group, counted by the gateway's own
    ``tpq_http_open_streams``), and its RSS before.
@@ -88,6 +90,35 @@ async def through_gateway(sdk: openai.AsyncOpenAI, model: str, n: int, max_token
             if chunk.choices and chunk.choices[0].delta.content is not None and chunk.choices[0].delta.content:
                 first = first if first is not None else time.time()
                 count += 1
+        return cid, first, count
+
+    start = time.perf_counter()
+    done = await asyncio.gather(*(one(i) for i in range(n)))
+    return {"seconds": time.perf_counter() - start, "streams": done}
+
+
+async def through_gateway_raw(http: httpx.AsyncClient, url: str, model: str, n: int, max_tokens: int) -> dict:
+    """The same streams through the gateway read as raw SSE (no SDK): each stream's id and first-token time.
+
+    What a first token costs in the gateway itself, apart from the SDK's
+    parsing of every chunk in this (the clients') process.
+    """
+
+    async def one(i: int) -> tuple[str, float | None, int]:
+        first, count, cid = None, 0, ""
+        body = {"model": model, "messages": prompt(i), "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                if first is None:  # parse chunks only until the first with text
+                    chunk = json.loads(line[6:])
+                    cid = chunk["id"]
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first, count = time.time(), 1
+                elif '"content"' in line:
+                    count += 1
         return cid, first, count
 
     start = time.perf_counter()
@@ -221,10 +252,13 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict:
     model = (await sdk.models.list()).data[0].id
     async with AsyncClient(stack.redis_url, get_settings(redis_url=stack.redis_url)) as client:
         await (await client.submit("warm up", max_tokens=4)).result(timeout=300)
-        gateway_runs, client_runs = [], []
+        gateway_runs, client_runs, raw_runs = [], [], []
+        raw_http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256), timeout=httpx.Timeout(600.0))
         for _ in range(args.rounds):
             gateway_runs.append(await through_gateway(sdk, model, args.streams, args.max_tokens))
             client_runs.append(await through_client(client, args.streams, args.max_tokens))
+            raw_runs.append(await through_gateway_raw(raw_http, url, model, args.streams, args.max_tokens))
+        await raw_http.aclose()
         alone_gateway, alone_client = [], []  # one stream at a time: the gateway's own cost, no burst to queue in
         for i in range(args.alone):
             run = await through_gateway(sdk, model, 1, 8)
@@ -235,6 +269,10 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict:
         for run in gateway_runs:
             for cid, first, _ in run["streams"]:
                 gateway_latency.append(first - await first_sampled_at(client, cid))
+        raw_latency = []
+        for run in raw_runs:
+            for cid, first, _ in run["streams"]:
+                raw_latency.append(first - await first_sampled_at(client, cid))
         client_latency = [x for run in client_runs for x in run["first_latency"]]
         client_admitted = await client_rate(client, args.admit_requests)
     gw_tok_s = max(sum(c for _, _, c in r["streams"]) / r["seconds"] for r in gateway_runs)
@@ -250,6 +288,10 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict:
         "ttft_client_p50_ms": percentile(client_latency, 50) * ms,
         "ttft_added_p50_ms": (percentile(gateway_latency, 50) - percentile(client_latency, 50)) * ms,
         "ttft_added_p99_ms": (percentile(gateway_latency, 99) - percentile(client_latency, 99)) * ms,
+        "raw_tok_s": max(sum(c for _, _, c in r["streams"]) / r["seconds"] for r in raw_runs),
+        "ttft_raw_p50_ms": percentile(raw_latency, 50) * ms,
+        "ttft_raw_added_p50_ms": (percentile(raw_latency, 50) - percentile(client_latency, 50)) * ms,
+        "ttft_raw_added_p99_ms": (percentile(raw_latency, 99) - percentile(client_latency, 99)) * ms,
         "alone": args.alone,
         "alone_added_p50_ms": (percentile(alone_gateway, 50) - percentile(alone_client, 50)) * ms,
         "alone_added_p99_ms": (percentile(alone_gateway, 99) - percentile(alone_client, 99)) * ms,
@@ -272,6 +314,9 @@ def report(figures: dict) -> str:
         f"2. first token, sampled -> received: gateway p50 {f['ttft_gateway_p50_ms']:.2f} ms, client p50 "
         f"{f['ttft_client_p50_ms']:.2f} ms; added by the gateway p50 {f['ttft_added_p50_ms']:.2f} ms "
         f"(target <= 3), p99 {f['ttft_added_p99_ms']:.2f} ms",
+        f"   the same streams read as raw SSE (httpx, no SDK; {f['raw_tok_s']:.1f} tok/s): gateway p50 "
+        f"{f['ttft_raw_p50_ms']:.2f} ms; added p50 {f['ttft_raw_added_p50_ms']:.2f} ms, p99 "
+        f"{f['ttft_raw_added_p99_ms']:.2f} ms (the gateway's own part; the rest is the SDK's parsing)",
         f"   one stream at a time ({f['alone']} each): gateway p50 {f['alone_gateway_p50_ms']:.2f} ms, client p50 "
         f"{f['alone_client_p50_ms']:.2f} ms; added by the gateway p50 {f['alone_added_p50_ms']:.2f} ms, "
         f"p99 {f['alone_added_p99_ms']:.2f} ms",
