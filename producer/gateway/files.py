@@ -5,7 +5,9 @@ JSON) and ``content`` (the bytes). ``keys.api_files`` lists the ids, scored
 by minus the creation time in microseconds, so ascending order is newest
 first (the order OpenAI lists in). Uploads are multipart (``file`` and
 ``purpose``, as the SDK's ``client.files.create`` sends them), only
-``purpose=batch``, at most ``TPQ_HTTP_MAX_FILE_BYTES`` (413 beyond) and
+``purpose=batch``, at most ``TPQ_HTTP_MAX_FILE_BYTES`` (413 beyond: at once
+for a declared ``Content-Length`` past it, else as soon as the body read
+passes it, chunked uploads included, never after spooling it whole) and
 :data:`~producer.gateway.batch_lines.MAX_LINES` lines. A batch's output and error
 files are files of purpose ``batch_output`` (:func:`store_file`).
 """
@@ -19,6 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.types import Message, Receive
 
 from common import keys
 from common.errors import InvalidRequestError
@@ -101,18 +104,36 @@ def list_body(data: list[dict], has_more: bool) -> dict:
             "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
 
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"the file is {size} bytes or more; at most {limit} are accepted (TPQ_HTTP_MAX_FILE_BYTES)",
-                    param="file", code="file_too_large")
+def _too_large(size: int, limit: int, what: str = "file") -> APIError:
+    return APIError(413, f"the {what} is {size} bytes or more; a file of at most {limit} bytes is accepted "
+                         "(TPQ_HTTP_MAX_FILE_BYTES)", param="file", code="file_too_large")
+
+
+def bounded_receive(receive: Receive, most: int, limit: int) -> Receive:
+    """``receive`` that refuses (413) a request body as soon as more than ``most`` bytes of it arrived."""
+    received = 0
+
+    async def receiving() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > most:
+                raise _too_large(received, limit, "upload")
+        return message
+
+    return receiving
 
 
 async def _upload(request: Request, limit: int) -> tuple[bytes, str, str]:
     """The uploaded file's bytes, its name and the purpose, from a multipart body."""
+    most = limit + MULTIPART_SLACK_BYTES
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK_BYTES:
-        raise _too_large(int(declared), limit)
+    if declared is not None and declared.isdigit() and int(declared) > most:
+        raise _too_large(int(declared), limit, "upload")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise bad_request("upload the file as multipart/form-data with fields file and purpose", param="file")
+    request = Request(request.scope, bounded_receive(request.receive, most, limit))  # chunked: no length to check
     async with request.form(max_files=1, max_fields=8) as form:
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):

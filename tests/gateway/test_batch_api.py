@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ import redis
 
 from common import keys
 from common.results import FinishReason
+from producer.gateway import files
 from tests.doubles import ProtocolWorker
 from tests.gateway.conftest import FAKE_MODEL, wait_for
 
@@ -108,6 +110,41 @@ def test_a_file_over_the_bound_is_413(sdk):
         assert raised.value.status_code == 413 and raised.value.code == "file_too_large"
     assert client.files.list().data == []
     assert client.files.create(file=("ok.jsonl", io.BytesIO(jsonl([chat_line("a")]))), purpose="batch").bytes > 0
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the HTTP/1.1 response on ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b"<closed>"
+        assert not data.endswith(b"<closed>"), f"the connection closed before a response: {data!r}"
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+def test_a_chunked_upload_over_the_bound_is_refused_as_soon_as_it_passes_it(gateway):
+    limit, slack = 2048, files.MULTIPART_SLACK_BYTES
+    url = httpx.URL(gateway(http_max_file_bytes=limit))
+    host, port = url.host, url.port
+    boundary = "tpqboundary"
+    opening = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+               f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
+               "Content-Type: application/octet-stream\r\n\r\n").encode()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+                     f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode())
+        sent = 0
+        for part in [opening] + [b"x" * 16384] * ((limit + slack) // 16384 + 1):  # just past the bound, then no more
+            sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+            sent += len(part)
+        assert sent > limit + slack
+        status, body = read_response(sock)  # while the body is not over: no last chunk was sent
+    assert status == 413 and body["error"]["code"] == "file_too_large", body
+    assert "upload is" in body["error"]["message"]
 
 
 # ------------------------------------------------------------------ batches
