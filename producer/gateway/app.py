@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route, compile_path
 
 from common.errors import TpqError
 from common.metrics import GATEWAY_REGISTRY, HTTP_LATENCY, HTTP_REQUESTS
@@ -48,6 +49,28 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KIND_OF_PATH: dict[str, Kind] = {"chat/completions": "chat", "completions": "text"}
 
 
+class RouteTemplates:
+    """The app's HTTP path templates, to name the route of a request that no route has taken yet.
+
+    A response of a middleware (the key check's 401, a rate limit's 429)
+    comes before routing: its route is found here as the router finds it
+    (a template of that method, else one of another), so a metrics label is
+    always one of the app's own templates, never a path a client made up.
+    """
+
+    def __init__(self, routes: list[Any]) -> None:
+        self.routes = [(compile_path(r.path)[0], r.path, r.methods or set()) for r in routes if isinstance(r, Route)]
+
+    def of(self, scope: dict) -> str:
+        """The template of the route that serves (or would serve) ``scope``; ``"unmatched"`` if none would."""
+        route = scope.get("route")
+        if route is not None:
+            return getattr(route, "path", "unmatched")
+        path, method = scope.get("path", ""), scope.get("method", "")
+        found = [(template, methods) for regex, template, methods in self.routes if regex.fullmatch(path)]
+        return next((t for t, methods in found if method in methods), found[0][0] if found else "unmatched")
+
+
 class _Metrics:
     """ASGI middleware: requests by route template and status, and seconds to the response's start."""
 
@@ -62,7 +85,8 @@ class _Metrics:
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":
-                route = getattr(scope.get("route"), "path", "unmatched")
+                templates = getattr(scope["app"].state, "route_templates", None)
+                route = templates.of(scope) if templates is not None else "unmatched"
                 HTTP_REQUESTS.labels(route, str(message["status"])).inc()
                 HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
             await send(message)
@@ -128,7 +152,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = AsyncClient(redis_url, settings, name="tpq-gateway")
         app.state.completions = Completions(client, client.sync_redis, settings)
-        app.state.batch_keeper = BatchKeeper(client, settings)
+        app.state.batch_keeper = BatchKeeper(client, settings, app.state.completions)
         app.state.batch_keeper.start()
         try:
             yield
@@ -142,9 +166,10 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     auth.install(app, settings)  # API keys and rate limits on /v1 (inside _Metrics: 401/429 counted)
     app.add_middleware(_Metrics)
     _install_error_handlers(app)
-    websocket.install(app, settings.http_max_body_bytes)  # GET /v1/ws: many requests over one socket
-    app.include_router(files.router(settings))  # the Batch API: /v1/files and /v1/batches
-    app.include_router(batch_routes.router(settings, read_json))
+    websocket.install(app, settings)  # GET /v1/ws: many requests over one socket
+    batch_api = [files.router(settings), batch_routes.router(settings, read_json)]  # /v1/files, /v1/batches
+    for routes in batch_api:
+        app.include_router(routes)
 
     def completions_of(request: Request) -> Completions:
         return request.app.state.completions
@@ -194,6 +219,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
     for path, kind in KIND_OF_PATH.items():
         _add_existing_routes(app, path, kind, completions_of)
+    app.state.route_templates = RouteTemplates([*app.router.routes, *(r for api in batch_api for r in api.routes)])
     return app
 
 

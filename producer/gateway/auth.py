@@ -270,9 +270,11 @@ AUTH_ERRORS: tuple[type[Exception], ...] = (TpqError, redis.exceptions.RedisErro
 
 
 class KeyGuard:
-    """ASGI middleware: the key check and the requests-per-minute limit of every ``/v1`` request.
+    """ASGI middleware: the key check of every ``/v1`` request, and the requests limit of the HTTP ones.
 
-    It leaves a :class:`~producer.gateway.ratelimit.KeyContext` in the
+    A WebSocket's handshake is checked for its key but not charged: each
+    request it carries is (:mod:`producer.gateway.websocket`). It leaves a
+    :class:`~producer.gateway.ratelimit.KeyContext` in the
     scope's ``state`` (the routes read the key's priority and tokens limit
     from it) and adds the ``x-ratelimit-*`` headers of the latest verdict to
     the response. Its Redis is the gateway client's asyncio connection.
@@ -298,7 +300,7 @@ class KeyGuard:
         send = _with_limit_headers(send, context)
         try:
             context.key = await directory.authenticate(Headers(scope=scope).get("authorization"))
-            if context.key is not None and context.key.limited:
+            if context.key is not None and context.key.limited and scope["type"] == "http":
                 verdict = await context.take(requests=1 if context.key.rpm else 0)
                 if verdict.refused is not None:
                     raise refusal(verdict, context.key, 1)

@@ -11,7 +11,10 @@ replica carries on) it:
    idempotency keys, so re-driving an enqueue that a crash cut short
    enqueues nothing twice (``enqueued`` counts what is known enqueued);
 2. harvests every finished line into the output hash as soon as its jobs
-   finish (before their rq results expire), once per ``custom_id``;
+   finish (before their rq results expire), once per ``custom_id``,
+   rendered as its endpoint renders (logprobs and echo with the model's
+   vocabulary, as :meth:`~producer.gateway.completions.Completions.rendering`
+   reads it);
 3. when the batch is cancelled or its window passed: cancels its jobs that
    have not finished, and writes an error line for each line that never ran;
 4. when every line has an output line: writes the output and error files
@@ -20,6 +23,13 @@ replica carries on) it:
 
 Each step only reads Redis and writes what is missing, so a replica killed
 at any point leaves nothing another replica cannot finish.
+
+Rate limits: the lines are not charged to any key's requests or tokens per
+minute, as OpenAI's are not (its Batch API has limits of its own, per
+batch and per queue of enqueued tokens, apart from the per-minute ones).
+Only ``POST /v1/batches`` itself is charged, as every HTTP request is; its
+lines are bounded by :data:`~producer.gateway.batch_lines.MAX_LINES` and run
+at batch priority, behind every interactive job.
 """
 from __future__ import annotations
 
@@ -38,10 +48,12 @@ from common.errors import JobCancelled, QueueFull, TpqError
 from common.results import JobResult
 from common.settings import Settings
 from producer.async_client import AsyncClient
-from producer.gateway.batch_lines import BatchLine, line_from_json, output_line, unrun_line
+from producer.gateway.batch_lines import BatchLine, error_line, line_from_json, output_line, unrun_line
 from producer.cancel import cancel_job
 from producer.gateway import batch_store as store
 from producer.gateway.batch_store import BatchState
+from producer.gateway.completions import Completions
+from producer.gateway.errors import APIError
 from producer.gateway.files import store_file
 from producer.gateway.records import now_s
 from producer.job_state import ResultWatch, job_state
@@ -75,10 +87,15 @@ class _Tracked:
 
 
 class BatchKeeper:
-    """Carries the open HTTP batches on, from any replica (see the module's docstring)."""
+    """Carries the open HTTP batches on, from any replica (see the module's docstring).
 
-    def __init__(self, client: AsyncClient, settings: Settings) -> None:
+    ``completions``: the gateway's, whose rendering (the vocabularies it
+    read) the output lines share; by default one of its own on ``client``.
+    """
+
+    def __init__(self, client: AsyncClient, settings: Settings, completions: Completions | None = None) -> None:
         self.client, self.settings = client, settings
+        self.completions = completions or Completions(client, client.sync_redis, settings)
         self.conn = client.redis
         self.token = uuid.uuid4().hex
         self._tracked: dict[str, _Tracked] = {}
@@ -229,10 +246,21 @@ class BatchKeeper:
             if stop is not None and any(isinstance(o, JobCancelled) for o in line_outcomes):
                 data, failed = unrun_line(line.custom_id, bid, *STOP_CODES[stop]), True
             else:
-                data, failed = output_line(line, bid, now_s(), line_outcomes)  # type: ignore[arg-type]
+                data, failed = await self._output(line, bid, line_outcomes)  # type: ignore[arg-type]
             await store.harvest(self.conn, state.id, line.custom_id, {"line": line.number, "error": failed,
                                                                       "data": data}, failed)
             tracked.pending.discard(pos)
+
+    async def _output(self, line: BatchLine, bid: str, outcomes: list[JobResult | TpqError]) -> tuple[dict, bool]:
+        """A finished line's output line, rendered as its endpoint renders it (logprobs and echo included)."""
+        vocab = echoes = None
+        if line.renders_more and not any(isinstance(o, TpqError) for o in outcomes):
+            try:
+                vocab, echoes = await self.completions.rendering(line.record(bid, 0),
+                                                                 line.requests(self.client.build_request, bid))
+            except APIError as error:  # no vocabulary (any more): the endpoint's own 503
+                return error_line(line, bid, error), True
+        return output_line(line, bid, now_s(), outcomes, vocab=vocab, echoes=echoes)
 
     async def _stop(self, state: BatchState, tracked: _Tracked, enqueued: int, stop: str) -> None:
         """Cancel the unfinished jobs (once), and write the error line of each line never enqueued."""

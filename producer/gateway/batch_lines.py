@@ -5,12 +5,16 @@ An input line is ``{"custom_id", "method": "POST", "url", "body"}``, where
 ``/v1/completions``) and ``body`` is what that endpoint takes, checked by
 :func:`producer.gateway.params.parse_chat` / ``parse_completion`` (so a
 line is refused for exactly what the endpoint refuses; ``stream: true`` is
-refused too). :func:`parse_lines` checks a whole file and returns every
+refused too; so are ``logprobs`` and ``echo`` unless the caller renders
+them, as the gateway's batches do and ``tpq batch`` does not: see
+``rendering``). :func:`parse_lines` checks a whole file and returns every
 problem with its line number, as OpenAI's ``errors.data[]``
 (``{code, message, param, line}``). A line becomes one job per choice with
 ids derived from a base id (:func:`producer.gateway.records.job_ids`), and
 its outcome renders as OpenAI's output line (:func:`output_line`): ``body``
-is exactly the non-streamed endpoint's answer.
+is exactly the non-streamed endpoint's answer, rendered by the same
+:func:`~producer.gateway.responses.completion_response` (with the model's
+vocabulary and the echoed prompts, for lines that ask for logprobs or echo).
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ from common.results import JobResult
 from common.schemas import GenerationRequest
 from producer.gateway.errors import APIError, from_tpq_error
 from producer.gateway.params import Completion, Kind, parse_chat, parse_completion
-from producer.gateway.records import CompletionRecord, job_ids
+from producer.gateway.records import CompletionRecord, job_ids, record_of
 from producer.gateway.responses import completion_response
+from producer.gateway.vocab import Vocabulary
 
 MAX_LINES = 50_000
 """Most requests in one batch input file (OpenAI's limit)."""
@@ -64,9 +69,13 @@ class BatchLine:
     body: dict[str, Any]
 
     def record(self, base_id: str, created: int) -> CompletionRecord:
-        """The completion this line runs as: id ``base_id``, one job per choice."""
-        c = self.completion
-        return CompletionRecord(id=base_id, kind=c.kind, model=c.model, created=created, num_jobs=c.num_jobs, n=c.n)
+        """The completion this line runs as: id ``base_id``, one job per choice, rendered as the endpoint's."""
+        return record_of(self.completion, base_id, created)
+
+    @property
+    def renders_more(self) -> bool:
+        """Whether its answer shows logprobs or echoes its prompt (what ``tpq batch`` does not render)."""
+        return self.completion.logprobs is not None or self.completion.echo
 
     def job_ids(self, base_id: str) -> list[str]:
         """The ids of this line's jobs: ``base_id``, or ``<base_id>-<i>`` for several choices."""
@@ -96,9 +105,13 @@ def is_openai_line(item: Any) -> bool:
     return isinstance(item, dict) and ("custom_id" in item or ("url" in item and "body" in item))
 
 
-def parse_line(text: str, number: int, endpoint: str | None,
-               served_models: Collection[str] | None = None) -> BatchLine | LineError:
-    """Check one input line against the batch's ``endpoint`` (None: the line's own ``url``, if served)."""
+def parse_line(text: str, number: int, endpoint: str | None, served_models: Collection[str] | None = None, *,
+               rendering: bool = False) -> BatchLine | LineError:
+    """Check one input line against the batch's ``endpoint`` (None: the line's own ``url``, if served).
+
+    ``rendering``: whether the caller renders logprobs and echo (it reads the
+    models' vocabularies); else a line that asks for them is refused.
+    """
     try:
         item = json.loads(text)
     except ValueError as e:
@@ -132,10 +145,10 @@ def parse_line(text: str, number: int, endpoint: str | None,
     except APIError as e:
         return LineError(e.code or "invalid_request", f"line {number}: {e.message}", number,
                          f"body.{e.param}" if e.param else "body")
-    if completion.logprobs is not None or completion.echo:  # their rendering needs the vocabulary: not in batches yet
+    if not rendering and (completion.logprobs is not None or completion.echo):  # needs the vocabulary
         param = "body.echo" if completion.echo else "body.logprobs"
-        return LineError("unsupported_parameter", f"line {number}: logprobs and echo are not served in batches "
-                                                  "yet; send them to the endpoint itself", number, param)
+        return LineError("unsupported_parameter", f"line {number}: logprobs and echo are not served in local "
+                                                  "batches; send them through the gateway", number, param)
     if served_models is not None and completion.model not in served_models:
         served = ", ".join(sorted(served_models)) or "none"
         return LineError("model_not_found", f"line {number}: the model {completion.model!r} is not served here "
@@ -143,13 +156,14 @@ def parse_line(text: str, number: int, endpoint: str | None,
     return BatchLine(number, custom_id, kind, completion, body)
 
 
-def parse_lines(data: bytes, endpoint: str | None,
-                served_models: Collection[str] | None = None) -> tuple[list[BatchLine], list[LineError]]:
+def parse_lines(data: bytes, endpoint: str | None, served_models: Collection[str] | None = None, *,
+                rendering: bool = False) -> tuple[list[BatchLine], list[LineError]]:
     """Every line of a JSONL file checked: the good lines, and every problem (empty when all are good).
 
     Blank lines are skipped. Also refused: a file that is not UTF-8, more
     than :data:`MAX_LINES` requests, a repeated ``custom_id``, no request at
-    all, and (with ``endpoint`` None) lines whose ``url`` differ.
+    all, and (with ``endpoint`` None) lines whose ``url`` differ;
+    ``rendering`` as :func:`parse_line`'s.
     """
     try:
         text = data.decode("utf-8")
@@ -166,7 +180,7 @@ def parse_lines(data: bytes, endpoint: str | None,
     for number, raw in enumerate(rows, start=1):
         if not raw.strip():
             continue
-        parsed = parse_line(raw, number, endpoint, served_models)
+        parsed = parse_line(raw, number, endpoint, served_models, rendering=rendering)
         if isinstance(parsed, BatchLine) and parsed.custom_id in seen:
             parsed = LineError("duplicate_custom_id", f"line {number}: custom_id {parsed.custom_id!r} is already "
                                                       f"used on line {seen[parsed.custom_id]}", number, "custom_id")
@@ -192,23 +206,29 @@ def request_line_id(base_id: str) -> str:
     return "batch_req_" + hashlib.blake2b(base_id.encode(), digest_size=12).hexdigest()
 
 
-def output_line(line: BatchLine, base_id: str, created: int,
-                outcomes: Sequence[JobResult | TpqError]) -> tuple[dict[str, Any], bool]:
+def output_line(line: BatchLine, base_id: str, created: int, outcomes: Sequence[JobResult | TpqError], *,
+                vocab: Vocabulary | None = None, echoes: list[str] | None = None) -> tuple[dict[str, Any], bool]:
     """OpenAI's output line for ``line``'s job outcomes (in choice order), and whether it is an error line.
 
     All results: ``response {status_code: 200, request_id, body}`` with the
-    endpoint's non-streamed answer. A job that failed (or was cancelled
-    before it ran): the status and error body the endpoint would have
-    answered (``from_tpq_error``), an error line.
+    endpoint's non-streamed answer (``vocab`` and ``echoes`` as
+    :func:`~producer.gateway.responses.completion_response` takes them). A
+    job that failed (or was cancelled before it ran): the status and error
+    body the endpoint would have answered (``from_tpq_error``), an error line.
     """
     failure = next((o for o in outcomes if isinstance(o, TpqError)), None)
-    head = {"id": request_line_id(base_id), "custom_id": line.custom_id}
     if failure is not None:
-        error = from_tpq_error(failure)
-        response = {"status_code": error.status, "request_id": base_id, "body": error.body()}
-        return {**head, "response": response, "error": None}, True
-    body = completion_response(line.record(base_id, created), list(outcomes))  # type: ignore[arg-type]
+        return error_line(line, base_id, from_tpq_error(failure)), True
+    body = completion_response(line.record(base_id, created), list(outcomes),  # type: ignore[arg-type]
+                               vocab=vocab, echoes=echoes)
+    head = {"id": request_line_id(base_id), "custom_id": line.custom_id}
     return {**head, "response": {"status_code": 200, "request_id": base_id, "body": body}, "error": None}, False
+
+
+def error_line(line: BatchLine, base_id: str, error: APIError) -> dict[str, Any]:
+    """The output line of a request the endpoint would have answered with ``error``."""
+    response = {"status_code": error.status, "request_id": base_id, "body": error.body()}
+    return {"id": request_line_id(base_id), "custom_id": line.custom_id, "response": response, "error": None}
 
 
 def unrun_line(custom_id: str, base_id: str, code: str, message: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 ``POST /v1/batches`` reads the input file, checks every line
 (:func:`producer.gateway.batch_lines.parse_lines`, then the client's own
-:meth:`~producer.AsyncClient.build_request` on each job) and stores the
+:meth:`~producer.AsyncClient.build_request` on each job, then that the
+model of a line asking for logprobs has published its vocabulary) and stores the
 batch: ``failed`` with per-line ``errors`` when any line is refused
 (nothing is enqueued), else ``in_progress`` with its checked lines, which
 the :class:`~producer.gateway.batch_keeper.BatchKeeper` of some replica
@@ -29,15 +30,19 @@ from producer.gateway.files import file_content, list_body, list_limit, page
 from producer.gateway.records import now_s
 
 MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
 
 
 def _check_metadata(metadata: Any) -> dict[str, str] | None:
     if metadata is None:
         return None
     if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_PAIRS or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items()):
-        raise bad_request(f"metadata must be an object of at most {MAX_METADATA_PAIRS} string pairs (keys up to 64 "
-                          "characters, values up to 512)", param="metadata")
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_METADATA_KEY_CHARS
+            and len(v) <= MAX_METADATA_VALUE_CHARS for k, v in metadata.items()):
+        raise bad_request(f"metadata must be an object of at most {MAX_METADATA_PAIRS} string pairs (keys up to "
+                          f"{MAX_METADATA_KEY_CHARS} characters, values up to {MAX_METADATA_VALUE_CHARS})",
+                          param="metadata")
     return metadata
 
 
@@ -68,6 +73,27 @@ def _build_errors(lines: list[BatchLine], build: Callable[..., Any], batch_id: s
     return errors
 
 
+async def _vocabulary_errors(completions: Any, lines: list[BatchLine]) -> list[LineError]:
+    """The lines whose answers need a vocabulary their model has not published (the endpoint's 503)."""
+    errors, refusals = [], {}
+    for line in lines:
+        c = line.completion
+        token_prompts = any("prompt_token_ids" in given for given in c.inputs)
+        if c.logprobs is None and not (c.echo and token_prompts):
+            continue
+        if c.model not in refusals:
+            try:
+                await completions.vocabulary(c.model)
+                refusals[c.model] = None
+            except APIError as e:
+                refusals[c.model] = e
+        refused = refusals[c.model]
+        if refused is not None:
+            errors.append(LineError(refused.code or "vocabulary_unavailable", f"line {line.number}: {refused.message}",
+                                    line.number, "body.logprobs" if c.logprobs is not None else "body.echo"))
+    return errors
+
+
 def router(settings: Settings, read_json: Callable[[Request, int], Awaitable[Any]]) -> APIRouter:
     """``POST/GET /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``."""
     routes = APIRouter()
@@ -86,9 +112,11 @@ def router(settings: Settings, read_json: Callable[[Request, int], Awaitable[Any
         if reason is not None:
             raise APIError(503, reason, code="no_live_group")
         batch_id = "batch_" + uuid.uuid4().hex
-        lines, errors = parse_lines(content, endpoint, set(deployment.models))
+        lines, errors = parse_lines(content, endpoint, set(deployment.models), rendering=True)
         if not errors:
             errors = _build_errors(lines, completions.client.build_request, batch_id)
+        if not errors:
+            errors = await _vocabulary_errors(completions, lines)
         spec = store.new_spec(batch_id, endpoint, input_file_id, metadata, now_s())
         state = await store.create(conn, spec, lines=[] if errors else [line.as_json() for line in lines],
                                    errors=[e.as_dict() for e in errors] or None)

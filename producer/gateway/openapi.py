@@ -4,20 +4,26 @@ The handlers read their JSON bodies themselves (bounded, and checked by
 :mod:`producer.gateway.params` so that every refusal is OpenAI's 400, not
 FastAPI's 422), so FastAPI alone would publish operations without bodies.
 :func:`install` adds them: the request bodies are the JSON Schemas of
-params' own models (one definition: what is published is what is checked),
-the answers are described by the response models below, and every
+params' own models (one definition: what is published is what is checked;
+the Batch API's create body and multipart upload are models below, built
+from the bounds ``batch_routes`` checks and pinned to its check by
+tests/gateway/test_openapi.py), the answers (files and batches included)
+are described by the response models below, and every
 operation lists the errors it can answer in OpenAI's shape. Tools that read
 the document (client generators, schema fuzzers such as schemathesis) then
 see the API as it is served.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from producer.gateway.batch_lines import ENDPOINTS
+from producer.gateway.batch_routes import MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS
+from producer.gateway.batch_store import STATUSES
 from producer.gateway.params import ChatBody, CompletionBody
 
 REF = "#/components/schemas/{model}"
@@ -120,12 +126,127 @@ class Health(BaseModel):
     groups: dict[str, str]
 
 
+class FileUpload(BaseModel):
+    """``POST /v1/files``, as multipart/form-data: the file and its purpose (only ``batch`` is served)."""
+
+    file: bytes
+    purpose: Literal["batch"]
+
+
+class FileObject(BaseModel):
+    """An uploaded file (or a batch's output or error file)."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    expires_at: int | None
+    status_details: str | None
+
+
+class FileList(BaseModel):
+    """``GET /v1/files``: a cursor page of files."""
+
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    """``DELETE /v1/files/{file_id}``."""
+
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+MetadataKey = Annotated[str, Field(max_length=MAX_METADATA_KEY_CHARS)]
+MetadataValue = Annotated[str, Field(max_length=MAX_METADATA_VALUE_CHARS)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_PAIRS)]
+
+
+class BatchCreateBody(BaseModel):
+    """``POST /v1/batches``: the uploaded input file, the endpoint its lines call, the window, metadata."""
+
+    input_file_id: str = Field(min_length=1)
+    endpoint: Literal[tuple(ENDPOINTS)]  # type: ignore[valid-type]
+    completion_window: Literal["24h"]
+    metadata: Metadata | None = None
+
+
+class BatchLineError(BaseModel):
+    """One input line refused at creation (``line`` counts from 1)."""
+
+    code: str
+    message: str
+    param: str | None
+    line: int | None
+
+
+class BatchErrors(BaseModel):
+    """A failed batch's validation errors."""
+
+    object: Literal["list"]
+    data: list[BatchLineError]
+
+
+class RequestCounts(BaseModel):
+    """A batch's requests: all of them, those completed, those failed."""
+
+    total: int
+    completed: int
+    failed: int
+
+
+class Batch(BaseModel):
+    """OpenAI's batch object."""
+
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: Literal[STATUSES]  # type: ignore[valid-type]
+    errors: BatchErrors | None
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    expires_at: int
+    in_progress_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    metadata: dict[str, str] | None
+    request_counts: RequestCounts
+
+
+class BatchList(BaseModel):
+    """``GET /v1/batches``: a cursor page of batches, newest first."""
+
+    object: Literal["list"]
+    data: list[Batch]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
     "id": {"type": "string", "description": "the last token index sent, per job (resume with Last-Event-ID)"},
     "data": {"type": "string", "description": "a chunk object as JSON, an error object as JSON, or [DONE]"}}}
 SSE = {"text/event-stream": {"schema": SSE_EVENT}}  # the schema of each event, as OpenAPI 3.2 reads it
 PROMETHEUS_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+OCTETS = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 NONE: dict[str, Any] = {}
+REQUEST_MEDIA: dict[type[BaseModel], str] = {FileUpload: "multipart/form-data"}
+"""Request bodies not sent as JSON, by model."""
 
 # (path, method) -> (request body model or None, JSON 200 answer model or None, other 200 content types)
 BODIES: dict[tuple[str, str], tuple[type[BaseModel] | None, type[BaseModel] | None, dict[str, Any]]] = {
@@ -138,6 +259,15 @@ BODIES: dict[tuple[str, str], tuple[type[BaseModel] | None, type[BaseModel] | No
     ("/v1/completions/{completion_id}", "get"): (None, TextCompletion, NONE),
     ("/v1/chat/completions/{completion_id}/stream", "get"): (None, None, SSE),
     ("/v1/completions/{completion_id}/stream", "get"): (None, None, SSE),
+    ("/v1/files", "post"): (FileUpload, FileObject, NONE),
+    ("/v1/files", "get"): (None, FileList, NONE),
+    ("/v1/files/{file_id}", "get"): (None, FileObject, NONE),
+    ("/v1/files/{file_id}", "delete"): (None, FileDeleted, NONE),
+    ("/v1/files/{file_id}/content", "get"): (None, None, OCTETS),
+    ("/v1/batches", "post"): (BatchCreateBody, Batch, NONE),
+    ("/v1/batches", "get"): (None, BatchList, NONE),
+    ("/v1/batches/{batch_id}", "get"): (None, Batch, NONE),
+    ("/v1/batches/{batch_id}/cancel", "post"): (None, Batch, NONE),
 }
 
 
@@ -171,8 +301,9 @@ def build_document(app: FastAPI) -> dict[str, Any]:
                 continue
             request_model, answer_model, other_content = BODIES[(path, method)]
             if request_model is not None:
+                media = REQUEST_MEDIA.get(request_model, "application/json")
                 operation["requestBody"] = {"required": True, "content": {
-                    "application/json": {"schema": components.ref(request_model, "validation")}}}
+                    media: {"schema": components.ref(request_model, "validation")}}}
             ok: dict[str, Any] = {}
             if answer_model is not None:
                 ok["application/json"] = {"schema": components.ref(answer_model, "serialization")}

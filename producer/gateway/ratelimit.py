@@ -15,6 +15,12 @@ prompt counts its ids). A non-streamed answer then corrects the charge to
 its real ``usage.total_tokens``; a request that fails before its jobs are
 enqueued gets its charge back; a streamed one keeps the estimate.
 
+A WebSocket (``GET /v1/ws``) is charged per request it carries, not for
+its handshake: each request sent over it takes one request and its token
+estimate (:func:`admit` with ``requests=1``), and a refused one is answered
+on the socket with the same error, tagged with the request's id. Batch
+lines are not charged at all: see :mod:`producer.gateway.batch_keeper`.
+
 Every ``/v1`` response of a key with limits carries OpenAI's headers
 (``x-ratelimit-limit-requests``, ``-remaining-``, ``-reset-`` and the same for
 ``-tokens``, where reset is the time until the bucket is full, as ``"1s"`` or
@@ -257,11 +263,14 @@ class TokenCharge:
                         exc_info=True)
 
 
-async def admit(request: Any, completion: Completion, settings: Settings) -> tuple[Completion, TokenCharge]:
-    """Apply the request's key to ``completion``: its priority cap, then its tokens-per-minute charge (429).
+async def admit(request: Any, completion: Completion, settings: Settings, *,
+                requests: int = 0) -> tuple[Completion, TokenCharge]:
+    """Apply the request's key to ``completion``: its priority cap, then its per-minute charge (429).
 
     A ``batch`` key's completions run at batch priority whatever they ask.
-    Returns the completion to run and its :class:`TokenCharge`.
+    ``requests``: requests to take with the tokens, in the same call (a
+    WebSocket's requests: the key check counted only the HTTP ones). Returns
+    the completion to run and its :class:`TokenCharge`.
     """
     context = context_of(request)
     key = context.key if context is not None else None
@@ -269,10 +278,11 @@ async def admit(request: Any, completion: Completion, settings: Settings) -> tup
         return completion, TokenCharge()
     if key.priority == "batch" and completion.priority != "batch":
         completion = dataclasses.replace(completion, priority="batch")
-    if key.tpm is None:
+    tokens = estimate_tokens(completion, settings) if key.tpm else 0
+    requests = requests if key.rpm else 0
+    if not tokens and not requests:
         return completion, TokenCharge()
-    tokens = estimate_tokens(completion, settings)
-    verdict = await context.take(tokens=tokens)
+    verdict = await context.take(requests=requests, tokens=tokens)
     if verdict.refused is not None:
-        raise refusal(verdict, key, tokens)
-    return completion, TokenCharge(context, tokens)
+        raise refusal(verdict, key, tokens if verdict.refused == "tokens" else requests)
+    return completion, TokenCharge(context, tokens) if tokens else TokenCharge()

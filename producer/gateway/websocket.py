@@ -15,7 +15,12 @@ true}``; or ``{"id", "error": {...}}`` (OpenAI's error object) when the
 request is refused or fails; ``{"id", "cancelled": true}`` after a cancel.
 A message that is not understood gets an ``error`` with the ``id`` it gave
 (or null). Requests run concurrently; the socket's API key (checked at the
-handshake) applies to all of them. A chunk's ``id`` is the completion's,
+handshake) applies to all of them, and each request is charged to its
+rate limits as an HTTP request is (one request, its token estimate,
+:func:`~producer.gateway.ratelimit.admit`): a refused one gets the
+``rate_limit_exceeded`` error and the socket stays open. A cancel that
+arrives while its request is still being enqueued waits for the enqueue,
+then cancels the jobs it made. A chunk's ``id`` is the completion's,
 so a request cut off by a dropped socket can be resumed over HTTP
 (``GET /v1/chat/completions/{id}/stream`` with ``Last-Event-ID``) within
 ``TPQ_HTTP_DISCONNECT_GRACE_S``.
@@ -31,11 +36,15 @@ from typing import Any
 from fastapi import WebSocket, WebSocketDisconnect
 
 from common.errors import JobNotFound, TpqError
-from producer.gateway import records
+from common.settings import Settings
+from producer.gateway import ratelimit, records
 from producer.gateway.completions import Completions
 from producer.gateway.errors import APIError, bad_request, from_tpq_error
-from producer.gateway.params import parse_chat, parse_completion
+from producer.gateway.params import Completion, parse_chat, parse_completion
+from producer.gateway.ratelimit import TokenCharge
+from producer.gateway.records import CompletionRecord
 from producer.gateway.responses import DONE
+from producer.handles import AsyncJobHandle
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +55,20 @@ MAX_ID_CHARS = 128
 
 
 class Socket:
-    """One client's WebSocket: its running requests by client id, and a lock so messages never interleave."""
+    """One client's WebSocket: its running requests and their enqueues by client id, and a lock so messages
+    never interleave."""
 
-    def __init__(self, websocket: WebSocket, service: Completions, max_message_bytes: int) -> None:
-        self.websocket, self.service, self.max_message_bytes = websocket, service, max_message_bytes
+    def __init__(self, websocket: WebSocket, service: Completions, settings: Settings) -> None:
+        self.websocket, self.service, self.settings = websocket, service, settings
+        self.max_message_bytes = settings.http_max_body_bytes
         self.running: dict[str, asyncio.Task] = {}
-        self.completion_ids: dict[str, str] = {}
+        self.enqueues: dict[str, asyncio.Future] = {}  # a request's enqueue, once started: its record and handles
+        self.streaming: set[str] = set()  # the requests whose stream began (it gives their jobs the grace)
         self._send_lock = asyncio.Lock()
 
     async def serve(self) -> None:
         """Take messages until the client leaves; then stop every request still running (their jobs get the
-        disconnect grace, as a dropped SSE stream's do)."""
+        disconnect grace, as a dropped SSE stream's do, those still being enqueued too)."""
         await self.websocket.accept()
         try:
             while True:
@@ -65,9 +77,12 @@ class Socket:
         except WebSocketDisconnect:
             pass
         finally:
+            unstreamed = [enqueue for request_id, enqueue in self.enqueues.items() if request_id not in self.streaming]
             for task in self.running.values():
                 task.cancel()
             await asyncio.gather(*self.running.values(), return_exceptions=True)
+            for enqueue in unstreamed:
+                self.service.spawn(self._abandon(enqueue))
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self._send_lock:
@@ -121,9 +136,13 @@ class Socket:
         """Serve one request: its chunks, then done; or its error."""
         try:
             completion = PARSERS[kind]({**body, "stream": True})
-            record, handles = await self.service.create(completion, session_header=None, idempotency_key=None)
-            self.completion_ids[request_id] = record.id
+            completion, charge = await ratelimit.admit(self.websocket, completion, self.settings, requests=1)
+            enqueue = asyncio.ensure_future(self._enqueue(completion, charge))
+            self.enqueues[request_id] = enqueue
+            # shielded: a cancel must not cut an enqueue short (its jobs would exist, unknown); it waits for it
+            record, handles = await asyncio.shield(enqueue)
             stream = self.service.stream(record, handles, [0] * len(handles))
+            self.streaming.add(request_id)
             async for data, event_id in stream.frames():
                 if data == DONE:
                     await self.send({"id": request_id, "done": True})
@@ -142,30 +161,61 @@ class Socket:
             await self.send({"id": request_id, "error": APIError(
                 500, f"internal error ({type(error).__name__})").body()["error"]})
         finally:
-            self.completion_ids.pop(request_id, None)
+            self.enqueues.pop(request_id, None)
+            self.streaming.discard(request_id)
+
+    async def _enqueue(self, completion: Completion,
+                       charge: TokenCharge) -> tuple[CompletionRecord, list[AsyncJobHandle]]:
+        """Enqueue ``completion``'s jobs; its tokens are given back if that fails (nothing was enqueued)."""
+        async with charge.refunded_on_error():
+            return await self.service.create(completion, session_header=None, idempotency_key=None)
+
+    async def _abandon(self, enqueue: asyncio.Future) -> None:
+        """The jobs of a request whose client left while they were being enqueued: cancelled after the
+        disconnect grace, unless a stream attached to them meanwhile (a resume over HTTP)."""
+        handles = await _enqueued(enqueue)
+        if not handles:
+            return
+        record, _ = enqueue.result()
+        await asyncio.sleep(self.settings.http_disconnect_grace_s)
+        if await records.attached_count(self.service.client.redis, record.id):
+            return
+        log.info("completion %s: its WebSocket closed while it was enqueued; cancelling %d job(s)", record.id,
+                 len(handles))
+        for handle in handles:
+            with contextlib.suppress(JobNotFound):
+                await handle.cancel()
 
     async def cancel(self, request_id: str) -> None:
-        """Stop request ``request_id`` and cancel its jobs now (no grace: the client asked)."""
-        task, completion_id = self.running.get(request_id), self.completion_ids.get(request_id)
+        """Stop request ``request_id`` and cancel its jobs now (no grace: the client asked), waiting for its
+        enqueue first if it is in flight."""
+        task, enqueue = self.running.get(request_id), self.enqueues.get(request_id)
         if task is None:
             await self.send({"id": request_id, "error": bad_request(
                 f"no request with id {request_id!r} runs on this socket", param="id").body()["error"]})
             return
-        task.cancel()
+        task.cancel()  # before its enqueue started: it never starts; after: `enqueue` is it
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        if completion_id is not None:
-            record = await records.load(self.service.client.redis, completion_id)
-            if record is not None:
-                for job_id in record.job_ids:
-                    with contextlib.suppress(JobNotFound):
-                        await (await self.service.client.job(job_id)).cancel()
+        for handle in await _enqueued(enqueue):
+            with contextlib.suppress(JobNotFound):
+                await handle.cancel()
         await self.send({"id": request_id, "cancelled": True})
 
 
-def install(app: Any, max_message_bytes: int) -> None:
+async def _enqueued(enqueue: asyncio.Future | None) -> list[AsyncJobHandle]:
+    """The job handles an enqueue made, once it is over; none if there was none or it failed (nothing enqueued)."""
+    if enqueue is None:
+        return []
+    await asyncio.wait([enqueue])  # its failure, if any, is its request's to answer
+    if enqueue.cancelled() or enqueue.exception() is not None:
+        return []
+    return enqueue.result()[1]
+
+
+def install(app: Any, settings: Settings) -> None:
     """Add ``GET /v1/ws`` to ``app`` (its service is ``app.state.completions``)."""
 
     @app.websocket("/v1/ws")
     async def websocket_requests(websocket: WebSocket) -> None:
-        await Socket(websocket, websocket.app.state.completions, max_message_bytes).serve()
+        await Socket(websocket, websocket.app.state.completions, settings).serve()

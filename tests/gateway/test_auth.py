@@ -11,6 +11,7 @@ import openai
 import pytest
 import redis
 import redis.asyncio
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
@@ -85,6 +86,35 @@ def test_a_known_key_reaches_the_route_and_an_unknown_route_is_still_a_404(gatew
     with pytest.raises(openai.NotFoundError):
         keyed_sdk(base, key).chat.completions.retrieve("chatcmpl-none")
     assert httpx.get(f"{base}/v1/nothing-here").status_code == 401  # unauthenticated: nothing is revealed
+
+
+def requests_total(base: str) -> dict[tuple[str, str], float]:
+    """``tpq_http_requests_total`` by (route, status), read from the gateway's /metrics."""
+    counts = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "tpq_http_requests_total":
+                counts[(sample.labels["route"], sample.labels["status"])] = sample.value
+    return counts
+
+
+def test_a_401_is_counted_under_the_route_it_was_for_and_a_made_up_path_under_unmatched(gateway, conn):
+    create_key(conn, "alice")
+    base = gateway()
+    before = requests_total(base)
+    for completion_id in ("chatcmpl-1", "chatcmpl-2"):
+        assert httpx.get(f"{base}/v1/chat/completions/{completion_id}").status_code == 401
+    assert httpx.post(f"{base}/v1/files/file-x", headers={"Authorization": "Bearer tpq-no"}).status_code == 401
+    assert httpx.get(f"{base}/v1/made-up/path").status_code == 401
+    after = requests_total(base)
+
+    def added(route: str) -> float:
+        return after.get((route, "401"), 0) - before.get((route, "401"), 0)
+
+    assert added("/v1/chat/completions/{completion_id}") == 2  # the template, not the id
+    assert added("/v1/files/{file_id}") == 1  # a route of the Batch API, asked with a method it does not serve
+    assert added("unmatched") == 1
+    assert not any("made-up" in route or "chatcmpl-" in route for route, _ in after)
 
 
 def test_a_revoked_key_stops_working_at_once(gateway, conn):

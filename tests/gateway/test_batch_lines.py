@@ -90,10 +90,15 @@ def test_openai_lines_are_told_from_tpq_batch_lines():
     assert isinstance(parse_lines(data(line("a")), CHAT)[0][0], BatchLine)
 
 
-def test_logprobs_and_echo_are_refused_in_batches_by_name():
-    _, chat_errors = parse_lines(data(line("l", logprobs=True, top_logprobs=2)), CHAT)
+def test_logprobs_and_echo_are_refused_by_name_where_they_are_not_rendered():
+    _, chat_errors = parse_lines(data(line("l", logprobs=True, top_logprobs=2)), CHAT)  # as tpq batch parses
     assert [(e.line, e.code, e.param) for e in chat_errors] == [(1, "unsupported_parameter", "body.logprobs")]
     _, text_errors = parse_lines(data(line("e", url=TEXT, echo=True), line("k", url=TEXT, logprobs=1)), TEXT)
     assert [(e.line, e.code, e.param) for e in text_errors] == [
         (1, "unsupported_parameter", "body.echo"), (2, "unsupported_parameter", "body.logprobs")]
-    assert "not served in batches" in text_errors[0].message
+    assert "not served in local batches" in text_errors[0].message
+    lines, errors = parse_lines(data(line("e", url=TEXT, echo=True), line("k", url=TEXT, logprobs=1)), TEXT,
+                                rendering=True)  # as the gateway parses
+    assert errors == [] and [(b.completion.echo, b.completion.logprobs) for b in lines] == [(True, None), (False, 1)]
+    assert [b.renders_more for b in lines] == [True, True]
+    assert [(r.echo, r.logprobs) for r in (b.record("b1-1", 0) for b in lines)] == [(True, None), (False, 1)]

@@ -129,11 +129,19 @@ def rate_limited_total(base: str, limit: str) -> float:
     return 0.0
 
 
+def requests_total(base: str, route: str, status: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(f'tpq_http_requests_total{{route="{route}",status="{status}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_the_third_request_of_a_two_rpm_key_is_a_429_with_openais_headers(gateway, conn):
     key, _ = create_key(conn, "two", rpm=2)
     base = gateway()
     client = keyed_sdk(base, key)
     refused_before = rate_limited_total(base, "requests")
+    refused_429s_before = requests_total(base, "/v1/models", "429")
     first = client.models.with_raw_response.list()
     second = client.models.with_raw_response.list()
     assert [r.headers["x-ratelimit-remaining-requests"] for r in (first, second)] == ["1", "0"]
@@ -149,6 +157,7 @@ def test_the_third_request_of_a_two_rpm_key_is_a_429_with_openais_headers(gatewa
     assert "requests per minute (RPM): Limit 2" in error["message"]
     assert re.search(r"try again in (29\.\d+|30)s\.", error["message"]), error["message"]
     assert rate_limited_total(base, "requests") == refused_before + 1
+    assert requests_total(base, "/v1/models", "429") == refused_429s_before + 1  # its route's, not "unmatched"
 
 
 def test_limits_hold_across_two_gateway_replicas(gateway, conn):

@@ -5,9 +5,13 @@ generated requests that are valid run real jobs. Every operation of the
 document is fuzzed (bodies, path parameters, headers; about half of the
 generated bodies name the served model, so that they reach the queue), and
 every answer must be no 5xx, a status and content type the document lists,
-and a body that matches the document's schema for it.
+and a body that matches the document's schema for it. The Batch API is
+fuzzed the same way: about half of the batch bodies (and of the file ids
+read) name a real uploaded input file, so that batches are created and run.
 """
 from __future__ import annotations
+
+import json
 
 import hypothesis
 import pytest
@@ -38,8 +42,21 @@ def gateway(start_stack, start_gateway, tiny_llama_dir, monkeypatch):
     return server.url, model["id"]
 
 
+def upload_input_file(url: str, model: str) -> str:
+    """The id of a good batch input file of two chat lines for ``model``."""
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+             for i in range(2)]
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    answer = requests.post(f"{url}/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"},
+                           timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["id"]
+
+
 def test_fuzzed_requests_get_documented_answers_and_never_a_5xx(gateway):
     url, model = gateway
+    input_file_id = upload_input_file(url, model)
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     session = requests.Session()
     ran: dict[str, int] = {}
@@ -54,6 +71,10 @@ def test_fuzzed_requests_get_documented_answers_and_never_a_5xx(gateway):
         def fuzz(case, served: bool) -> None:
             if served and isinstance(case.body, dict) and "model" in case.body:
                 case.body["model"] = model  # reach the queue, not only the 404 of an unknown model
+            if served and isinstance(case.body, dict) and "input_file_id" in case.body:
+                case.body["input_file_id"] = input_file_id  # create a batch, not only the 404 of an unknown file
+            if served and case.method == "GET" and "file_id" in (case.path_parameters or {}):
+                case.path_parameters["file_id"] = input_file_id
             response = case.call_and_validate(base_url=url, session=session, checks=CHECKS, timeout=120)
             ran[operation.label] = ran.get(operation.label, 0) + 1
             statuses.setdefault(operation.label, set()).add(response.status_code)
@@ -63,7 +84,8 @@ def test_fuzzed_requests_get_documented_answers_and_never_a_5xx(gateway):
     print(f"schemathesis: {total} cases over {len(ran)} operations: {ran}; statuses: {statuses}")
     assert set(ran) == {op.label for op in operations}
     assert total >= len(operations) * 10
-    for created in ("POST /v1/chat/completions", "POST /v1/completions"):  # some fuzzed requests really ran
+    for created in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/files",
+                    "POST /v1/batches"):  # some fuzzed requests really ran
         assert 200 in statuses[created], statuses
 
 

@@ -2,6 +2,8 @@
 
 A real uvicorn gateway on a real redis-server; tests.doubles.ProtocolWorker
 plays the worker, so every token a message carries is one the test wrote.
+Enqueues the tests hold are held after their jobs exist in Redis, before
+the gateway hears back: the window a cancel or a close can fall into.
 """
 from __future__ import annotations
 
@@ -9,10 +11,16 @@ import asyncio
 import json
 import threading
 
+import openai
+import pytest
+import redis
 import websockets
 
 from common import keys
-from tests.gateway.conftest import FAKE_MODEL, register_fake_group, wait_for
+from producer.gateway import websocket
+from producer.gateway.auth import create_key
+from producer.gateway.completions import Completions
+from tests.gateway.conftest import FAKE_MODEL, keyed_sdk, register_fake_group, wait_for
 
 TEXTS = ["Hel", "lo", "!"]
 
@@ -115,3 +123,153 @@ def test_cancel_stops_one_request_and_cancels_its_job(start_gateway, redis_url, 
     running, got = asyncio.run(scenario())
     assert got["long"][-1] == {"id": "long", "cancelled": True}
     assert worker.conn.exists(keys.cancel_flag(running.id))
+
+
+# ------------------------------------------------------------------ rate limits per request
+
+
+def test_each_request_on_a_socket_is_charged_to_the_keys_limits(start_gateway, redis_url, worker):
+    register_fake_group(redis_url)
+    with redis.Redis.from_url(redis_url) as conn:
+        key, _ = create_key(conn, "ws", rpm=2, tpm=1000)
+    gateway = start_gateway()
+    body = {"model": FAKE_MODEL, "prompt": "x", "max_tokens": 5}
+
+    async def scenario():
+        async with websockets.connect(ws_url(gateway.url), additional_headers={"Authorization": f"Bearer {key}"}
+                                      ) as socket:
+            thread = serve(worker, 2)
+            got = {}
+            for request_id, request in [("a", body), ("huge", {**body, "max_tokens": 2000}), ("b", body),
+                                        ("c", body)]:  # one at a time: the order they reach the limiter is known
+                await socket.send(json.dumps({"type": "completions", "id": request_id, "body": request}))
+                got.update(await replies_until_done(socket, {request_id}))
+            thread.join(10)
+            await socket.send(json.dumps({"type": "cancel", "id": "none"}))  # the socket is still open
+            still_open = json.loads(await asyncio.wait_for(socket.recv(), 10))
+            return got, still_open
+
+    got, still_open = asyncio.run(scenario())
+    assert got["a"][-1] == {"id": "a", "done": True} and got["b"][-1] == {"id": "b", "done": True}  # the handshake
+    huge = got["huge"][-1]["error"]  # is not charged: two requests pass an rpm=2 key
+    assert (huge["code"], huge["type"]) == ("rate_limit_exceeded", "tokens") and "Request too large" in huge["message"]
+    [refused] = got["c"]
+    assert set(refused) == {"id", "error"} and refused["id"] == "c"
+    assert set(refused["error"]) == {"message", "type", "param", "code"}
+    assert (refused["error"]["code"], refused["error"]["type"]) == ("rate_limit_exceeded", "requests")
+    assert "requests per minute (RPM): Limit 2" in refused["error"]["message"]
+    assert still_open["id"] == "none" and "no request" in still_open["error"]["message"]
+    with pytest.raises(openai.RateLimitError):  # the socket's requests were the key's: HTTP is refused too
+        keyed_sdk(gateway.url, key).models.list()
+
+
+def test_a_batch_keys_socket_requests_run_at_batch_priority(start_gateway, redis_url, worker):
+    register_fake_group(redis_url)
+    with redis.Redis.from_url(redis_url) as conn:
+        key, _ = create_key(conn, "ws-batch", priority="batch")
+    gateway = start_gateway()
+
+    async def scenario():
+        async with websockets.connect(ws_url(gateway.url), additional_headers={"Authorization": f"Bearer {key}"}
+                                      ) as socket:
+            await socket.send(json.dumps({"type": "completions", "id": "a",
+                                          "body": {"model": FAKE_MODEL, "prompt": "x", "priority": "interactive"}}))
+            thread = serve(worker, 1)
+            got = await replies_until_done(socket, {"a"})
+            thread.join(10)
+            return got
+
+    assert asyncio.run(scenario())["a"][-1] == {"id": "a", "done": True}
+    [running] = worker.served
+    assert running.request.priority == "batch"
+
+
+# ------------------------------------------------------------------ a request whose enqueue is in flight
+
+
+class HeldEnqueue:
+    """Holds every enqueue of the gateway after its jobs exist in Redis, before the gateway hears back."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.enqueued = threading.Event()
+        self.job_ids: list[str] = []
+        self._gates: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        create = Completions.create
+
+        async def held(service, *args, **kwargs):
+            record, handles = await create(service, *args, **kwargs)
+            gate = asyncio.Event()
+            self._gates.append((asyncio.get_running_loop(), gate))
+            self.job_ids += [h.id for h in handles]
+            self.enqueued.set()
+            await gate.wait()
+            return record, handles
+
+        monkeypatch.setattr(Completions, "create", held)
+
+    def release(self) -> None:
+        for loop, gate in self._gates:
+            loop.call_soon_threadsafe(gate.set)
+
+
+def test_a_cancel_that_arrives_while_the_request_is_being_enqueued_cancels_its_jobs(start_gateway, redis_url,
+                                                                                   monkeypatch):
+    register_fake_group(redis_url)
+    held = HeldEnqueue(monkeypatch)
+    cancel_taken = threading.Event()
+    cancel = websocket.Socket.cancel
+
+    async def taking_cancel(socket, request_id):
+        cancel_taken.set()  # the original stops the request before its first await: before release() below
+        await cancel(socket, request_id)
+
+    monkeypatch.setattr(websocket.Socket, "cancel", taking_cancel)
+    gateway = start_gateway()
+
+    async def scenario():
+        async with websockets.connect(ws_url(gateway.url)) as socket:
+            await socket.send(json.dumps({"type": "completions", "id": "x",
+                                          "body": {"model": FAKE_MODEL, "prompt": "x", "n": 2}}))
+            assert await asyncio.to_thread(held.enqueued.wait, 10), "the enqueue did not happen"
+            await socket.send(json.dumps({"type": "cancel", "id": "x"}))
+            assert await asyncio.to_thread(cancel_taken.wait, 10), "the cancel did not arrive"
+            held.release()
+            return await replies_until_done(socket, {"x"})
+
+    got = asyncio.run(scenario())
+    assert got["x"] == [{"id": "x", "cancelled": True}]
+    with redis.Redis.from_url(redis_url) as conn:
+        assert len(held.job_ids) == 2
+        assert all(conn.exists(keys.cancel_flag(job_id)) for job_id in held.job_ids), "a job runs on"
+        assert all(conn.hget(keys.rq_job_key(job_id), "status") == b"canceled" for job_id in held.job_ids)
+
+
+def test_jobs_whose_socket_closed_while_they_were_enqueued_get_the_disconnect_grace(start_gateway, redis_url,
+                                                                                     monkeypatch):
+    register_fake_group(redis_url)
+    held = HeldEnqueue(monkeypatch)
+    served = threading.Event()
+    serve_socket = websocket.Socket.serve
+
+    async def observed_serve(socket):
+        try:
+            await serve_socket(socket)
+        finally:
+            served.set()
+
+    monkeypatch.setattr(websocket.Socket, "serve", observed_serve)
+    gateway = start_gateway(http_disconnect_grace_s=0)
+
+    async def scenario():
+        async with websockets.connect(ws_url(gateway.url)) as socket:
+            await socket.send(json.dumps({"type": "completions", "id": "x",
+                                          "body": {"model": FAKE_MODEL, "prompt": "x"}}))
+            assert await asyncio.to_thread(held.enqueued.wait, 10), "the enqueue did not happen"
+        assert await asyncio.to_thread(served.wait, 10), "the gateway did not see the socket close"
+        held.release()
+
+    asyncio.run(scenario())
+    [job_id] = held.job_ids
+    with redis.Redis.from_url(redis_url) as conn:
+        wait_for(lambda: conn.hget(keys.rq_job_key(job_id), "status") == b"canceled", "the abandoned job's cancel",
+                 timeout_s=10)
