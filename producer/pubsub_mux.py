@@ -16,7 +16,13 @@ connection carries every channel of every stream of the client:
   was registered first, so it misses nothing published after it);
 - when the connection drops, every subscription's next ``get_message``
   raises the error (the reader then replays the log and subscribes again,
-  on a fresh connection), and the hub starts over.
+  on a fresh connection), and the hub starts over;
+- a subscription holds at most :data:`MAX_BUFFERED` messages for a reader
+  that does not keep up (an HTTP client slower than generation); the hub
+  drops what comes past that, and the reader reads it from the durable log
+  instead: it sees the gap at its next message, or at its idle re-read
+  when none comes. So a slow client costs a bounded buffer, not memory
+  without end, and still gets every token.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 1.0
 """Seconds the reader task waits for a message before it looks again (whether the hub still uses it)."""
+MAX_BUFFERED = 1024
+"""Messages one subscription holds for its reader; past it the hub drops them (the reader reads them from the log)."""
 
 
 class _Channel:
@@ -128,9 +136,12 @@ class PubSubHub:
             if entry.confirmed:
                 return  # an earlier SUBSCRIBE's confirmation: its members already have theirs
             entry.confirmed = True
-        if kind in ("subscribe", "message"):
+        if kind == "subscribe":
             for member in entry.members:
                 member._queue.put_nowait(message)
+        elif kind == "message":
+            for member in entry.members:
+                member._offer(message)
 
     async def _reset(self, error: BaseException, *, reader_done: bool = False) -> None:
         """Fail every subscription with ``error``, forget every channel, close the connection."""
@@ -151,12 +162,25 @@ class PubSubHub:
 class Subscription:
     """One reader's view of the hub: the calls of a redis-py asyncio pub/sub that the reader core makes."""
 
-    __slots__ = ("_hub", "_channel", "_queue")
+    __slots__ = ("_hub", "_channel", "_queue", "dropped")
 
     def __init__(self, hub: PubSubHub) -> None:
         self._hub = hub
         self._channel: str | None = None
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue: asyncio.Queue = asyncio.Queue()  # confirmations and errors always go in; messages up to a bound
+        self.dropped = 0  # messages dropped while MAX_BUFFERED were waiting
+
+    @property
+    def buffered(self) -> int:
+        """Messages waiting for the reader."""
+        return self._queue.qsize()
+
+    def _offer(self, message: dict[str, Any]) -> None:
+        """Queue a channel message unless :data:`MAX_BUFFERED` wait already (the log keeps it for the reader)."""
+        if self._queue.qsize() < MAX_BUFFERED:
+            self._queue.put_nowait(message)
+        else:
+            self.dropped += 1
 
     async def subscribe(self, channel: str) -> None:
         """Join ``channel``; its confirmation arrives as a ``subscribe`` message from :meth:`get_message`."""

@@ -17,6 +17,13 @@ event is sent the job's index in the id is ``-2``. A completions stream
 with logprobs replays a resumed job's log from its start, to count the
 ``text_offset`` of the tokens it sends.
 
+A client slower than generation holds the pumps back: each stream buffers
+at most :data:`STREAM_BUFFER` events, then its pumps wait, their readers
+stop taking pub/sub messages, the shared pub/sub hub drops what passes its
+own bound (:data:`producer.pubsub_mux.MAX_BUFFERED`), and the readers read
+those tokens from the durable log once the client catches up. Memory stays
+bounded and the client still gets every token.
+
 A stream whose client went away (the task is cancelled) leaves its jobs
 running for ``TPQ_HTTP_DISCONNECT_GRACE_S``; if no stream attached to the
 completion since (a resume, on any replica: the count is in Redis,
@@ -43,6 +50,8 @@ from producer.handles import AsyncJobHandle
 
 log = logging.getLogger(__name__)
 
+STREAM_BUFFER = 256
+"""Events one HTTP stream holds for a client that reads slower than its jobs generate (its pumps then wait)."""
 USAGE_RESULT_TIMEOUT_S = 30.0
 """Seconds to wait for the jobs' rq results (for the usage chunk) once their streams ended."""
 
@@ -159,7 +168,7 @@ class CompletionStream:
         ``[DONE]``; or, after an error, the error object last. Iterate once."""
         attached = await records.attach(self.client.redis, self.record.id, self.ttl_s)
         last = [-2 if echo else s - 1 for s, echo in zip(self.starts, self.echo_pending)]
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=STREAM_BUFFER)
         pumps = [asyncio.create_task(self._pump_of(i, queue)) for i in range(len(self.handles))]
         HTTP_OPEN_STREAMS.inc()
         done = False

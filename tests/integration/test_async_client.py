@@ -14,7 +14,7 @@ from common import keys
 from common.errors import JobCancelled, JobFailed, ResultTimeout
 from common.results import FinishReason, JobResult
 from common.settings import get_settings
-from producer import AsyncClient, AsyncJobHandle, JobState
+from producer import AsyncClient, AsyncJobHandle, JobState, pubsub_mux
 
 TEXTS = ["Hel", "lo", ",", " wor", "ld", "!"]
 
@@ -136,3 +136,27 @@ def test_batch_results_in_completion_order(redis_url, worker):
         assert (await batch.progress())[JobState.FINISHED] == 4
 
     run(redis_url, scenario)
+
+
+def test_a_reader_that_falls_behind_drops_pubsub_messages_and_reads_them_from_the_log(redis_url, worker,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(pubsub_mux, "MAX_BUFFERED", 8)
+    texts = [f"t{i} " for i in range(200)]
+
+    async def scenario(client):
+        handle = await client.submit("a slow reader", max_tokens=256, subscribe=True)
+        stream = await handle.stream(timeout=10).open()  # subscribed: every message from now on reaches the hub
+        running = worker.take()
+        worker.emit(running, texts)  # 200 messages while this reader reads none
+        worker.succeed(running)
+        subscription = stream._core.pubsub
+        deadline = time.monotonic() + 10
+        while subscription.dropped < len(texts) - 8 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the hub's reader task takes the messages off the connection
+        assert subscription.buffered == 8 and subscription.dropped == len(texts) + 1 - 8  # the end record too
+        events = await collect(stream)
+        assert [e.index for e in events] == list(range(len(texts)))
+        assert "".join(e.text for e in events) == "".join(texts)
+
+    run(redis_url, scenario)
+    assert not worker.errors
