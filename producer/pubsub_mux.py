@@ -191,14 +191,10 @@ class Subscription:
 
     async def get_message(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The next ``subscribe`` or ``message`` of the channel, None after ``timeout``; raises a lost connection."""
-        if self._queue.empty():
-            try:
-                async with asyncio.timeout(timeout):  # not wait_for: no task of its own, so one wake-up less
-                    item = await self._queue.get()
-            except TimeoutError:
-                return None
-        else:
-            item = self._queue.get_nowait()
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
         if isinstance(item, BaseException):
             raise redis.ConnectionError(f"the shared pub/sub connection was lost: {item}") from item
         return item

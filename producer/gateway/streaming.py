@@ -17,17 +17,12 @@ event is sent the job's index in the id is ``-2``. A completions stream
 with logprobs replays a resumed job's log from its start, to count the
 ``text_offset`` of the tokens it sends.
 
-A one-job stream reads its job in the response's own task (no pump task,
-no queue between them); a stream of several jobs merges them through a
-queue that a pump task per job fills.
-
-A client slower than generation holds the reading back: a one-job stream
-reads its next event only once the last one was sent; a several-job stream
-buffers at most :data:`STREAM_BUFFER` events, then its pumps wait. The
-readers then stop taking pub/sub messages, the shared pub/sub hub drops
-what passes its own bound (:data:`producer.pubsub_mux.MAX_BUFFERED`), and
-the readers read those tokens from the durable log once the client catches
-up. Memory stays bounded and the client still gets every token.
+A client slower than generation holds the pumps back: each stream buffers
+at most :data:`STREAM_BUFFER` events, then its pumps wait, their readers
+stop taking pub/sub messages, the shared pub/sub hub drops what passes its
+own bound (:data:`producer.pubsub_mux.MAX_BUFFERED`), and the readers read
+those tokens from the durable log once the client catches up. Memory stays
+bounded and the client still gets every token.
 
 A stream whose client went away (the task is cancelled) leaves its jobs
 running for ``TPQ_HTTP_DISCONNECT_GRACE_S``; if no stream attached to the
@@ -37,10 +32,9 @@ completion since (a resume, on any replica: the count is in Redis,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Union
+from typing import Any
 
 from common.errors import JobNotFound, TpqError
 from common.metrics import HTTP_OPEN_STREAMS
@@ -62,8 +56,6 @@ USAGE_RESULT_TIMEOUT_S = 30.0
 """Seconds to wait for the jobs' rq results (for the usage chunk) once their streams ended."""
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
-Item = tuple[int, Union[TokenEvent, StreamEnd, "_Echo", Exception]]
-"""``(choice, what)``: a token event of job ``choice``, its end, its echo, or the error that ended its stream."""
 
 
 def event_id(last: list[int]) -> str:
@@ -102,33 +94,26 @@ class _Echo:
         self.result = result
 
 
-async def _job_items(handle: AsyncJobHandle, start: int, choice: int, *, echo: bool = False,
-                     echo_waits: bool = False) -> AsyncIterator[Item]:
-    """Job ``choice``'s events from ``start``, then its :class:`StreamEnd` (or the error), as :data:`Item` s.
+async def _pump(handle: AsyncJobHandle, start: int, choice: int, queue: asyncio.Queue, *, echo: bool = False,
+                echo_waits: bool = False) -> None:
+    """Put job ``choice``'s events from ``start`` on ``queue``, then its :class:`StreamEnd` (or the error).
 
     ``echo``: first an :class:`_Echo`, after the job's result when ``echo_waits``.
     """
     try:
         if echo:
-            yield choice, _Echo(await handle.result() if echo_waits else None)
+            await queue.put((choice, _Echo(await handle.result() if echo_waits else None)))
         stream = handle.stream(start=start)
         try:
             async for event in stream:
-                yield choice, event
+                await queue.put((choice, event))
+            await queue.put((choice, stream.end))
         finally:
             await stream.aclose()
-        yield choice, stream.end
     except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - handed to the stream, which reports it to its client
-        yield choice, e
-
-
-async def _pump(items: AsyncIterator[Item], queue: asyncio.Queue) -> None:
-    """Put ``items`` on ``queue``, waiting while it is full; closes them (and their job's stream) when cancelled."""
-    async with contextlib.aclosing(items):
-        async for item in items:
-            await queue.put(item)
+        await queue.put((choice, e))
 
 
 class CompletionStream:
@@ -164,25 +149,10 @@ class CompletionStream:
             self.offsets = [generated_offsets(self.vocab, len(self.echoes[i]) if self.echoes else 0)
                             for i in range(len(handles))]
 
-    def _items_of(self, choice: int) -> AsyncIterator[Item]:
+    def _pump_of(self, choice: int, queue: asyncio.Queue) -> Coroutine[Any, Any, None]:
         replay = self.offsets[choice] is not None and self.starts[choice] > 0  # to count the text before start
-        return _job_items(self.handles[choice], 0 if replay else self.starts[choice], choice,
-                          echo=self.echo_pending[choice], echo_waits=self.vocab is not None)
-
-    def _items(self) -> AsyncIterator[Item]:
-        """Every job's items: one job's read here, in the response's task; several merged by pumps."""
-        return self._items_of(0) if len(self.handles) == 1 else self._merged()
-
-    async def _merged(self) -> AsyncIterator[Item]:
-        """The items of every job, as their pumps put them on a queue of at most :data:`STREAM_BUFFER`."""
-        queue: asyncio.Queue = asyncio.Queue(maxsize=STREAM_BUFFER)
-        pumps = [asyncio.create_task(_pump(self._items_of(i), queue)) for i in range(len(self.handles))]
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            for pump in pumps:
-                pump.cancel()
+        return _pump(self.handles[choice], 0 if replay else self.starts[choice], choice, queue,
+                     echo=self.echo_pending[choice], echo_waits=self.vocab is not None)
 
     async def events(self) -> AsyncIterator[bytes]:
         """The SSE bytes of :meth:`frames`."""
@@ -198,7 +168,8 @@ class CompletionStream:
         ``[DONE]``; or, after an error, the error object last. Iterate once."""
         attached = await records.attach(self.client.redis, self.record.id, self.ttl_s)
         last = [-2 if echo else s - 1 for s, echo in zip(self.starts, self.echo_pending)]
-        items = self._items()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=STREAM_BUFFER)
+        pumps = [asyncio.create_task(self._pump_of(i, queue)) for i in range(len(self.handles))]
         HTTP_OPEN_STREAMS.inc()
         done = False
         try:
@@ -206,7 +177,7 @@ class CompletionStream:
                 for i, start in enumerate(self.starts):
                     if start == 0:
                         yield chunk(self.record, i, role=True), event_id(last)
-            async for data in self._tokens_and_ends(items, last):
+            async for data in self._tokens_and_ends(queue, last):
                 yield data
             if self.record.include_usage:
                 yield usage_chunk(self.record, await self._results()), event_id(last)
@@ -219,15 +190,17 @@ class CompletionStream:
             log.exception("completion %s: its stream failed", self.record.id)
             yield APIError(500, f"internal error ({type(e).__name__})").body(), event_id(last)
         finally:
+            for pump in pumps:
+                pump.cancel()
             HTTP_OPEN_STREAMS.dec()
             if not done:
                 self.spawn(self._cancel_unless_resumed(attached))
-            await items.aclose()
 
-    async def _tokens_and_ends(self, items: AsyncIterator[Item],
+    async def _tokens_and_ends(self, queue: asyncio.Queue,
                                last: list[int]) -> AsyncIterator[tuple[dict[str, Any], str]]:
         ended = 0
-        async for choice, item in items:
+        while ended < len(self.handles):
+            choice, item = await queue.get()
             if isinstance(item, TokenEvent):
                 if item.index < self.starts[choice]:  # replayed only to count the text before the resume point
                     if self.offsets[choice] is not None and not self.record.prompt_only:
@@ -248,8 +221,6 @@ class CompletionStream:
                 reason = item.finish_reason.value if item.finish_reason is not None else None
                 logprobs = self._take_logprobs(choice) if self.pending[choice] else None
                 yield chunk(self.record, choice, finish_reason=reason, logprobs=logprobs), event_id(last)
-                if ended == len(self.handles):
-                    return
             elif isinstance(item, _Echo):
                 last[choice] = -1
                 yield self._echo_chunk(choice, item.result), event_id(last)

@@ -106,13 +106,12 @@ def stream_events(stream_record: CompletionRecord, items: list[tuple[int, object
     stream = CompletionStream(client, stream_record, [None] * len(starts), starts, grace_s=0, spawn=lambda c: None,
                               vocab=VOCAB, echoes=echoes)
 
-    async def fed():
-        for item in items:
-            yield item
-
     async def run() -> list[tuple[str, dict]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for item in items:
+            queue.put_nowait(item)
         last = [s - 1 for s in starts]
-        return [(last_id, data) async for data, last_id in stream._tokens_and_ends(fed(), last)]
+        return [(last_id, data) async for data, last_id in stream._tokens_and_ends(queue, last)]
 
     return asyncio.run(run())
 
