@@ -2,8 +2,12 @@
 
 ``POST /v1/batches`` reads the input file, checks every line
 (:func:`producer.gateway.batch_lines.parse_lines`, then the client's own
-:meth:`~producer.AsyncClient.build_request` on each job, then that the
-model of a line asking for logprobs has published its vocabulary) and stores the
+:meth:`~producer.AsyncClient.build_request` on each job, then each line
+against its model's vocabulary,
+:func:`~producer.gateway.batch_lines.vocabulary_error`: token-id prompts
+within it, and one published for lines asking for logprobs or echoing
+token ids; with none published a plain token-id prompt is left to the
+worker's check when it runs) and stores the
 batch: ``failed`` with per-line ``errors`` when any line is refused
 (nothing is enqueued), else ``in_progress`` with its checked lines, which
 the :class:`~producer.gateway.batch_keeper.BatchKeeper` of some replica
@@ -22,13 +26,18 @@ from fastapi.responses import JSONResponse
 from common import keys
 from common.errors import InvalidRequestError
 from common.settings import Settings
-from producer.gateway.batch_lines import ENDPOINTS, BatchLine, LineError, parse_lines
+from producer.gateway.batch_lines import ENDPOINTS, BatchLine, LineError, capped, parse_lines, vocabulary_error
 from producer.gateway import batch_store as store
 from producer.gateway.batch_keeper import base_id
 from producer.gateway.errors import APIError, bad_request
 from producer.gateway.files import file_content, list_body, list_limit, page
 from producer.gateway.records import now_s
+from producer.gateway.vocab import Vocabulary
 
+LIST_DEFAULT_LIMIT = 20
+"""Batches ``GET /v1/batches`` lists without a ``limit`` (OpenAI's default)."""
+MAX_LIST_LIMIT = 100
+"""The largest ``limit`` ``GET /v1/batches`` takes (OpenAI's bound)."""
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
@@ -70,28 +79,27 @@ def _build_errors(lines: list[BatchLine], build: Callable[..., Any], batch_id: s
             line.requests(build, base_id(batch_id, line))
         except InvalidRequestError as e:
             errors.append(LineError("invalid_request", f"line {line.number}: {e}", line.number, "body"))
-    return errors
+    return capped(errors)
 
 
 async def _vocabulary_errors(completions: Any, lines: list[BatchLine]) -> list[LineError]:
-    """The lines whose answers need a vocabulary their model has not published (the endpoint's 503)."""
-    errors, refusals = [], {}
+    """The lines their models' vocabularies refuse (:func:`~producer.gateway.batch_lines.vocabulary_error`),
+    each model's read once."""
+    vocabs: dict[str, Vocabulary | APIError] = {}
+    errors = []
     for line in lines:
-        c = line.completion
-        token_prompts = any("prompt_token_ids" in given for given in c.inputs)
-        if c.logprobs is None and not (c.echo and token_prompts):
+        if not line.reads_vocabulary:
             continue
-        if c.model not in refusals:
+        model = line.completion.model
+        if model not in vocabs:
             try:
-                await completions.vocabulary(c.model)
-                refusals[c.model] = None
-            except APIError as e:
-                refusals[c.model] = e
-        refused = refusals[c.model]
-        if refused is not None:
-            errors.append(LineError(refused.code or "vocabulary_unavailable", f"line {line.number}: {refused.message}",
-                                    line.number, "body.logprobs" if c.logprobs is not None else "body.echo"))
-    return errors
+                vocabs[model] = await completions.vocabulary(model)
+            except APIError as e:  # none published: vocabulary_error decides what that means for the line
+                vocabs[model] = e
+        error = vocabulary_error(line, vocabs[model])
+        if error is not None:
+            errors.append(error)
+    return capped(errors)
 
 
 def router(settings: Settings, read_json: Callable[[Request, int], Awaitable[Any]]) -> APIRouter:
@@ -127,7 +135,7 @@ def router(settings: Settings, read_json: Callable[[Request, int], Awaitable[Any
     async def list_batches(request: Request) -> JSONResponse:
         conn = completions_of(request).client.redis
         ids, has_more = await page(conn, keys.api_batches(), request.query_params.get("after"),
-                                   list_limit(request, 20, 100))
+                                   list_limit(request, LIST_DEFAULT_LIMIT, MAX_LIST_LIMIT))
         states = [await store.load(conn, batch_id) for batch_id in ids]
         return JSONResponse(list_body([s.as_object() for s in states if s is not None], has_more))
 

@@ -7,7 +7,8 @@ FastAPI's 422), so FastAPI alone would publish operations without bodies.
 params' own models (one definition: what is published is what is checked;
 the Batch API's create body and multipart upload are models below, built
 from the bounds ``batch_routes`` checks and pinned to its check by
-tests/gateway/test_openapi.py), the answers (files and batches included)
+tests/gateway/test_openapi.py; so are the list routes' query parameters,
+:data:`QUERY`, which the handlers read themselves), the answers (files and batches included)
 are described by the response models below, and every
 operation lists the errors it can answer in OpenAI's shape. Tools that read
 the document (client generators, schema fuzzers such as schemathesis) then
@@ -15,6 +16,7 @@ see the API as it is served.
 """
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
@@ -22,6 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from producer.gateway.batch_lines import ENDPOINTS
+from producer.gateway import batch_routes, files
 from producer.gateway.batch_routes import MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS
 from producer.gateway.batch_store import STATUSES
 from producer.gateway.params import ChatBody, CompletionBody
@@ -271,6 +274,29 @@ BODIES: dict[tuple[str, str], tuple[type[BaseModel] | None, type[BaseModel] | No
 }
 
 
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+def _limit(default: int, most: int) -> dict[str, Any]:
+    return _query("limit", {"type": "integer", "minimum": 1, "maximum": most, "default": default},
+                  f"how many objects a page holds at most (1 to {most}; 400 otherwise)")
+
+
+AFTER = _query("after", {"type": "string"}, "the last id of the previous page (`last_id`): this page lists the "
+                                            "objects after it (400 when no such id is listed)")
+# (path, method) -> the query parameters its handler reads, with the bounds it checks them against (the handlers
+# read request.query_params themselves, so FastAPI sees none; tests/gateway/test_openapi.py pins them to the app)
+QUERY: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("/v1/files", "get"): [
+        AFTER, _limit(files.MAX_LIST_LIMIT, files.MAX_LIST_LIMIT),
+        _query("order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
+               "by creation time: desc (newest first) or asc"),
+        _query("purpose", {"type": "string"}, "only files of this purpose (batch, batch_output)")],
+    ("/v1/batches", "get"): [AFTER, _limit(batch_routes.LIST_DEFAULT_LIMIT, batch_routes.MAX_LIST_LIMIT)],
+}
+
+
 class _Components:
     """The document's ``components.schemas``, filled as models are referenced."""
 
@@ -294,6 +320,9 @@ def build_document(app: FastAPI) -> dict[str, Any]:
     error = {"application/json": {"schema": components.ref(ErrorBody, "serialization")}}
     for path, operations in document.get("paths", {}).items():
         for method, operation in operations.items():
+            query = copy.deepcopy(QUERY.get((path, method), []))
+            if query:
+                operation["parameters"] = [*operation.get("parameters", []), *query]
             if (path, method) not in BODIES:  # a route this table does not describe keeps FastAPI's own answer
                 operation.setdefault("responses", {}).update(
                     {status: {"description": why, "content": error} for status, why in ERROR_STATUSES.items()})
