@@ -9,7 +9,9 @@ refused too; so are ``logprobs`` and ``echo`` unless the caller renders
 them, as the gateway's batches do and ``tpq batch`` does not: see
 ``rendering``). :func:`parse_lines` checks a whole file and returns every
 problem with its line number, as OpenAI's ``errors.data[]``
-(``{code, message, param, line}``). A line becomes one job per choice with
+(``{code, message, param, line}``); :func:`vocabulary_error` checks a
+line against its model's vocabulary (token-id prompts), which the caller
+reads. A line becomes one job per choice with
 ids derived from a base id (:func:`producer.gateway.records.job_ids`), and
 its outcome renders as OpenAI's output line (:func:`output_line`): ``body``
 is exactly the non-streamed endpoint's answer, rendered by the same
@@ -31,7 +33,7 @@ from producer.gateway.errors import APIError, from_tpq_error
 from producer.gateway.params import Completion, Kind, parse_chat, parse_completion
 from producer.gateway.records import CompletionRecord, job_ids, record_of
 from producer.gateway.responses import completion_response
-from producer.gateway.vocab import Vocabulary
+from producer.gateway.vocab import Vocabulary, prompt_ids_refusal
 
 MAX_LINES = 50_000
 """Most requests in one batch input file (OpenAI's limit)."""
@@ -71,6 +73,17 @@ class BatchLine:
     def record(self, base_id: str, created: int) -> CompletionRecord:
         """The completion this line runs as: id ``base_id``, one job per choice, rendered as the endpoint's."""
         return record_of(self.completion, base_id, created)
+
+    @property
+    def reads_vocabulary(self) -> bool:
+        """Whether checking or rendering it reads its model's vocabulary (token ids to check, logprobs, echo)."""
+        return self.renders_with_vocabulary or bool(self.completion.token_prompts)
+
+    @property
+    def renders_with_vocabulary(self) -> bool:
+        """Whether its answer needs its model's vocabulary: logprobs, or an echoed token-id prompt."""
+        c = self.completion
+        return c.logprobs is not None or (c.echo and bool(c.token_prompts))
 
     @property
     def renders_more(self) -> bool:
@@ -156,6 +169,38 @@ def parse_line(text: str, number: int, endpoint: str | None, served_models: Coll
     return BatchLine(number, custom_id, kind, completion, body)
 
 
+def vocabulary_error(line: BatchLine, vocab: Vocabulary | APIError) -> LineError | None:
+    """The error of ``line`` against its model's vocabulary (the APIError saying why none is published), or None.
+
+    A token id past the vocabulary is refused as ``POST /v1/completions``
+    refuses it (:func:`~producer.gateway.vocab.prompt_ids_refusal`). With no
+    vocabulary published (the model's groups predate publishing one, or are
+    still starting), a line that needs it to render its answer
+    (logprobs, an echoed token-id prompt) is refused with the endpoint's
+    reason, but a plain token-id prompt is not: the ids cannot be checked
+    here, so the worker checks them when the line runs, and an id past the
+    model's vocabulary fails that line alone (a 400 in the error file).
+    """
+    if isinstance(vocab, APIError):
+        if not line.renders_with_vocabulary:
+            return None
+        param = "body.logprobs" if line.completion.logprobs is not None else "body.echo"
+        return LineError(vocab.code or "vocabulary_unavailable", f"line {line.number}: {vocab.message}",
+                         line.number, param)
+    refusal = prompt_ids_refusal(vocab, line.completion.token_prompts)
+    if refusal is None:
+        return None
+    return LineError("invalid_value", f"line {line.number}: {refusal}", line.number, "body.prompt")
+
+
+def capped(errors: list[LineError]) -> list[LineError]:
+    """``errors`` as reported: at most :data:`MAX_ERRORS`, the last one counting those left out."""
+    if len(errors) <= MAX_ERRORS:
+        return errors
+    left = len(errors) - MAX_ERRORS + 1
+    return errors[:MAX_ERRORS - 1] + [LineError("too_many_errors", f"{left} more lines have errors")]
+
+
 def parse_lines(data: bytes, endpoint: str | None, served_models: Collection[str] | None = None, *,
                 rendering: bool = False) -> tuple[list[BatchLine], list[LineError]]:
     """Every line of a JSONL file checked: the good lines, and every problem (empty when all are good).
@@ -192,10 +237,7 @@ def parse_lines(data: bytes, endpoint: str | None, served_models: Collection[str
         lines.append(parsed)
     if not lines and not errors:
         errors.append(LineError("empty_file", "the file holds no request"))
-    if len(errors) > MAX_ERRORS:
-        left = len(errors) - MAX_ERRORS + 1
-        errors = errors[:MAX_ERRORS - 1] + [LineError("too_many_errors", f"{left} more lines have errors")]
-    return lines, errors
+    return lines, capped(errors)
 
 
 # ------------------------------------------------------------------ output

@@ -36,7 +36,7 @@ from producer.gateway.params import Completion, Kind
 from producer.gateway.records import CompletionRecord
 from producer.gateway.responses import completion_response
 from producer.gateway.streaming import CompletionStream, echoes_sent, resume_points
-from producer.gateway.vocab import Vocabulary, VocabularyCache
+from producer.gateway.vocab import Vocabulary, VocabularyCache, prompt_ids_refusal
 from producer.handles import AsyncJobHandle
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,11 @@ class Completions:
                      idempotency_key: str | None) -> tuple[CompletionRecord, list[AsyncJobHandle]]:
         """Check, record and enqueue ``completion``'s jobs; its record and job handles."""
         await self.check_model(completion.model)
-        token_prompts = [given["prompt_token_ids"] for given in completion.inputs if "prompt_token_ids" in given]
+        token_prompts = completion.token_prompts
         if completion.logprobs is not None or token_prompts:
-            vocab = await self.vocabulary(completion.model)
-            unknown = vocab.unknown_ids(i for ids in token_prompts for i in ids)
-            if unknown:
-                raise bad_request(f"prompt holds token ids outside the vocabulary of {completion.model} [0, "
-                                  f"{vocab.size}): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}", param="prompt")
+            refusal = prompt_ids_refusal(await self.vocabulary(completion.model), token_prompts)
+            if refusal is not None:
+                raise bad_request(refusal, param="prompt")
         cid = records.completion_id(completion.kind, idempotency_key, completion.request_id)
         record = records.record_of(completion, cid, records.now_s())
         requests = [self._build(completion, choice, job_id, session_header or completion.session_id)

@@ -164,6 +164,11 @@ class Completion:
         """Jobs this completion runs: ``n`` per prompt."""
         return len(self.inputs) * self.n
 
+    @property
+    def token_prompts(self) -> list[list[int]]:
+        """The prompts given as token ids, in order (none for text prompts and chat)."""
+        return [given["prompt_token_ids"] for given in self.inputs if "prompt_token_ids" in given]
+
     def job_fields(self, choice: int) -> dict[str, Any]:
         """The input and sampling fields of job ``choice`` (``build_request``'s keyword arguments).
 

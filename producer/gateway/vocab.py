@@ -70,6 +70,19 @@ class Vocabulary:
         return sorted({i for i in ids if not 0 <= i < len(self._bytes)})
 
 
+def prompt_ids_refusal(vocab: Vocabulary, token_prompts: Iterable[Iterable[int]]) -> str | None:
+    """Why token-id prompts cannot run on ``vocab``'s model (the ids past its vocabulary), or None if they can.
+
+    The one check of token-id prompts against a vocabulary: ``POST
+    /v1/completions`` answers it as a 400, batch creation as the line's error.
+    """
+    unknown = vocab.unknown_ids(i for ids in token_prompts for i in ids)
+    if not unknown:
+        return None
+    return (f"prompt holds token ids outside the vocabulary of {vocab.model} [0, {vocab.size}): "
+            f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+
+
 class TextOffsets:
     """Characters of text so far as tokens' bytes are added: ``text_offset`` of completions' logprobs.
 

@@ -18,9 +18,10 @@ import redis
 
 from common import keys
 from common.results import FinishReason
+from gpu_worker.serve.vocab_publish import vocabulary_fields
 from producer.gateway import files
 from tests.doubles import ProtocolWorker
-from tests.gateway.conftest import FAKE_MODEL, wait_for
+from tests.gateway.conftest import FAKE_MODEL, register_fake_group, wait_for
 
 CHAT = "/v1/chat/completions"
 
@@ -224,6 +225,46 @@ def test_validation_failures_fail_the_batch_per_line_and_enqueue_nothing(sdk, re
     assert conn.llen(keys.rq_queue_key(keys.BATCH_QUEUE)) == 0
     assert conn.scard(keys.api_batches_open()) == 0
     assert client.batches.retrieve(batch.id).status == "failed"
+
+
+VOCAB_SIZE = 100
+
+
+def text_line(custom_id: str, prompt: object, model: str = FAKE_MODEL) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+            "body": {"model": model, "prompt": prompt, "max_tokens": 2}}
+
+
+def test_token_ids_past_the_vocabulary_fail_the_batch_per_line_as_the_endpoint_refuses_them(sdk, redis_url):
+    client = sdk()
+    with redis.Redis.from_url(redis_url) as conn:
+        conn.hset(keys.vocab(FAKE_MODEL), mapping=vocabulary_fields(
+            FAKE_MODEL, [f"<{i}>".encode() for i in range(VOCAB_SIZE)], [0]))
+    bad_ids, bad_lists = [1, VOCAB_SIZE], [[3], [4, VOCAB_SIZE + 7]]
+    items = [text_line("ok", [1, VOCAB_SIZE - 1]), text_line("bad", bad_ids), text_line("bad-lists", bad_lists),
+             text_line("text", "hello")]
+    batch = client.batches.create(input_file_id=upload(client, items), endpoint="/v1/completions",
+                                  completion_window="24h")
+    assert batch.status == "failed", batch
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(2, "invalid_value", "body.prompt"),
+                                                                    (3, "invalid_value", "body.prompt")]
+    for error, prompt in zip(batch.errors.data, (bad_ids, bad_lists)):
+        with pytest.raises(openai.BadRequestError) as direct:  # the endpoint's own refusal of the same body
+            client.completions.create(model=FAKE_MODEL, prompt=prompt, max_tokens=2)
+        assert error.message == f"line {error.line}: {direct.value.body['message']}"
+    with redis.Redis.from_url(redis_url) as conn:
+        assert conn.llen(keys.rq_queue_key(keys.BATCH_QUEUE)) == 0, "a refused batch enqueued jobs"
+
+
+def test_token_ids_of_a_model_without_a_vocabulary_are_left_to_the_worker(start_gateway, redis_url):
+    register_fake_group(redis_url, model="no-vocab", group="gw-novocab")
+    client = openai.OpenAI(base_url=f"{start_gateway().url}/v1", api_key="unused", max_retries=0)
+    items = [text_line("ids", [1, 10 ** 6], model="no-vocab")]
+    batch = client.batches.create(input_file_id=upload(client, items), endpoint="/v1/completions",
+                                  completion_window="24h")
+    assert batch.status == "in_progress" and batch.errors is None, batch
+    with redis.Redis.from_url(redis_url) as conn:
+        wait_for(lambda: conn.exists(keys.rq_job_key(f"{batch.id}-1")), "the keeper to enqueue the line's job")
 
 
 def test_bad_create_bodies_and_unknown_ids(sdk):

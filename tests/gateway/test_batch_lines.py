@@ -6,8 +6,11 @@ import json
 from common.errors import JobFailed
 from common.results import FinishReason, JobResult, Timings, Usage
 from producer.gateway.batch_lines import (
-    MAX_LINES, BatchLine, is_openai_line, line_from_json, output_line, parse_lines, request_line_id, unrun_line,
+    MAX_ERRORS, MAX_LINES, BatchLine, LineError, capped, is_openai_line, line_from_json, output_line, parse_lines,
+    request_line_id, unrun_line, vocabulary_error,
 )
+from producer.gateway.errors import APIError
+from producer.gateway.vocab import Vocabulary, prompt_ids_refusal
 
 CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 
@@ -102,3 +105,43 @@ def test_logprobs_and_echo_are_refused_by_name_where_they_are_not_rendered():
     assert errors == [] and [(b.completion.echo, b.completion.logprobs) for b in lines] == [(True, None), (False, 1)]
     assert [b.renders_more for b in lines] == [True, True]
     assert [(r.echo, r.logprobs) for r in (b.record("b1-1", 0) for b in lines)] == [(True, None), (False, 1)]
+
+
+VOCAB = Vocabulary("m", [f"<{i}>".encode() for i in range(100)])
+UNPUBLISHED = APIError(503, "no vocabulary of m is published", code="vocabulary_unavailable")
+
+
+def test_token_ids_past_the_vocabulary_are_a_line_error_naming_the_prompt():
+    lines, errors = parse_lines(data(line("ok", url=TEXT, prompt=[1, 99]), line("one", url=TEXT, prompt=[5, 100]),
+                                     line("many", url=TEXT, prompt=[[3], [4, 250, 100, 101, 102, 103, 104]]),
+                                     line("text", url=TEXT)), TEXT, rendering=True)
+    assert errors == [] and [b.reads_vocabulary for b in lines] == [True, True, True, False]
+    found = [vocabulary_error(b, VOCAB) for b in lines]
+    assert found[0] is None and found[3] is None
+    assert [(e.line, e.code, e.param) for e in found[1:3]] == [(2, "invalid_value", "body.prompt"),
+                                                                 (3, "invalid_value", "body.prompt")]
+    assert found[1].message == f"line 2: {prompt_ids_refusal(VOCAB, [[5, 100]])}"
+    assert "[0, 100): [100]" in found[1].message
+    assert "[100, 101, 102, 103, 104] ..." in found[2].message  # the first five of six, sorted
+
+
+def test_without_a_published_vocabulary_only_lines_that_render_with_it_are_refused():
+    lines, errors = parse_lines(data(line("ids", url=TEXT, prompt=[5, 100]),
+                                     line("echo", url=TEXT, prompt=[5], echo=True),
+                                     line("lp", url=TEXT, logprobs=1), line("text-echo", url=TEXT, echo=True)),
+                                TEXT, rendering=True)
+    assert errors == []
+    found = [vocabulary_error(b, UNPUBLISHED) for b in lines]
+    assert found[0] is None  # the worker checks the ids when the line runs
+    assert [(e.line, e.code, e.param) for e in found[1:3]] == [(2, "vocabulary_unavailable", "body.echo"),
+                                                                 (3, "vocabulary_unavailable", "body.logprobs")]
+    assert found[1].message == "line 2: no vocabulary of m is published"
+    assert found[3] is None and not lines[3].reads_vocabulary  # a text prompt echoes as its own text
+
+
+def test_errors_are_capped_with_a_count_of_the_rest():
+    many = [LineError("invalid_value", f"line {i}", i) for i in range(1, MAX_ERRORS + 6)]
+    kept = capped(many)
+    assert len(kept) == MAX_ERRORS and kept[:-1] == many[:MAX_ERRORS - 1]
+    assert (kept[-1].code, kept[-1].message) == ("too_many_errors", "6 more lines have errors")
+    assert capped(many[:3]) == many[:3]
