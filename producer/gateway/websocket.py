@@ -18,7 +18,11 @@ A message that is not understood gets an ``error`` with the ``id`` it gave
 handshake) applies to all of them, and each request is charged to its
 rate limits as an HTTP request is (one request, its token estimate,
 :func:`~producer.gateway.ratelimit.admit`): a refused one gets the
-``rate_limit_exceeded`` error and the socket stays open. A cancel that
+``rate_limit_exceeded`` error and the socket stays open. An error the HTTP
+routes answer with ``Retry-After`` (a rate limit that refills, a full
+queue: ``queue_full``) carries the same whole seconds in
+``error.retry_after`` (absent from errors without a hint, such as a request
+larger than the limit itself). A cancel that
 arrives while its request is still being enqueued waits for the enqueue,
 then cancels the jobs it made. A chunk's ``id`` is the completion's,
 so a request cut off by a dropped socket can be resumed over HTTP
@@ -52,6 +56,16 @@ PARSERS = {"chat.completions": parse_chat, "completions": parse_completion}
 MAX_OPEN_REQUESTS = 64
 """Most requests one socket may have running at once (a 429 error message beyond)."""
 MAX_ID_CHARS = 128
+
+
+def error_object(error: APIError) -> dict[str, Any]:
+    """The ``error`` of a socket message: OpenAI's error object, plus ``retry_after`` (seconds, an int) when the
+    HTTP answer would carry ``Retry-After``."""
+    obj = error.body()["error"]
+    retry_after = error.headers.get("Retry-After")
+    if retry_after is not None:
+        obj["retry_after"] = int(retry_after)
+    return obj
 
 
 class Socket:
@@ -104,7 +118,7 @@ class Socket:
         try:
             kind = self._check(message)
         except APIError as error:
-            await self.send({"id": request_id, "error": error.body()["error"]})
+            await self.send({"id": request_id, "error": error_object(error)})
             return
         if kind == "cancel":
             await self.cancel(request_id)
@@ -153,9 +167,9 @@ class Socket:
         except asyncio.CancelledError:
             raise
         except APIError as error:
-            await self.send({"id": request_id, "error": error.body()["error"]})
+            await self.send({"id": request_id, "error": error_object(error)})
         except TpqError as error:
-            await self.send({"id": request_id, "error": from_tpq_error(error).body()["error"]})
+            await self.send({"id": request_id, "error": error_object(from_tpq_error(error))})
         except Exception as error:  # noqa: BLE001 - one request's failure must not end the socket
             log.exception("websocket request %s failed", request_id)
             await self.send({"id": request_id, "error": APIError(

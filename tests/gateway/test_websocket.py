@@ -11,16 +11,17 @@ import asyncio
 import json
 import threading
 
-import openai
-import pytest
+import httpx
 import redis
 import websockets
 
 from common import keys
+from common.settings import get_settings
+from producer import Client
 from producer.gateway import websocket
 from producer.gateway.auth import create_key
 from producer.gateway.completions import Completions
-from tests.gateway.conftest import FAKE_MODEL, keyed_sdk, register_fake_group, wait_for
+from tests.gateway.conftest import FAKE_MODEL, register_fake_group, wait_for
 
 TEXTS = ["Hel", "lo", "!"]
 
@@ -147,20 +148,44 @@ def test_each_request_on_a_socket_is_charged_to_the_keys_limits(start_gateway, r
             thread.join(10)
             await socket.send(json.dumps({"type": "cancel", "id": "none"}))  # the socket is still open
             still_open = json.loads(await asyncio.wait_for(socket.recv(), 10))
-            return got, still_open
+            http = await asyncio.to_thread(httpx.get, f"{gateway.url}/v1/models",
+                                           headers={"Authorization": f"Bearer {key}"})
+            return got, still_open, http
 
-    got, still_open = asyncio.run(scenario())
+    got, still_open, http = asyncio.run(scenario())
     assert got["a"][-1] == {"id": "a", "done": True} and got["b"][-1] == {"id": "b", "done": True}  # the handshake
     huge = got["huge"][-1]["error"]  # is not charged: two requests pass an rpm=2 key
     assert (huge["code"], huge["type"]) == ("rate_limit_exceeded", "tokens") and "Request too large" in huge["message"]
+    assert "retry_after" not in huge, "a request larger than the limit itself got a retry hint"
     [refused] = got["c"]
     assert set(refused) == {"id", "error"} and refused["id"] == "c"
-    assert set(refused["error"]) == {"message", "type", "param", "code"}
+    assert set(refused["error"]) == {"message", "type", "param", "code", "retry_after"}
     assert (refused["error"]["code"], refused["error"]["type"]) == ("rate_limit_exceeded", "requests")
     assert "requests per minute (RPM): Limit 2" in refused["error"]["message"]
     assert still_open["id"] == "none" and "no request" in still_open["error"]["message"]
-    with pytest.raises(openai.RateLimitError):  # the socket's requests were the key's: HTTP is refused too
-        keyed_sdk(gateway.url, key).models.list()
+    assert http.status_code == 429, "the socket's requests were the key's: HTTP must be refused too"
+    retry_after = refused["error"]["retry_after"]  # rpm=2 refills one request in 30 s; HTTP asked a moment later
+    assert isinstance(retry_after, int) and 1 <= retry_after <= 30, retry_after
+    assert 0 <= retry_after - int(http.headers["Retry-After"]) <= 1, (retry_after, http.headers["Retry-After"])
+
+
+def test_a_full_queue_refusal_on_a_socket_carries_the_http_retry_after(start_gateway, redis_url):
+    register_fake_group(redis_url)
+    gateway = start_gateway(max_queue_depth=1)
+    with Client(settings=get_settings(redis_url=redis_url, max_queue_depth=1)) as python_client:
+        python_client.submit("fills the batch queue")
+    body = {"model": FAKE_MODEL, "prompt": "x", "max_tokens": 5}
+    http = httpx.post(f"{gateway.url}/v1/completions", json=body)
+    assert http.status_code == 429 and http.json()["error"]["code"] == "queue_full", http.text
+
+    async def scenario():
+        async with websockets.connect(ws_url(gateway.url)) as socket:
+            await socket.send(json.dumps({"type": "completions", "id": "full", "body": body}))
+            return await replies_until_done(socket, {"full"})
+
+    [refused] = asyncio.run(scenario())["full"]
+    assert refused["error"]["code"] == "queue_full", refused
+    assert refused["error"]["retry_after"] == int(http.headers["Retry-After"]), (refused, http.headers)
 
 
 def test_a_batch_keys_socket_requests_run_at_batch_priority(start_gateway, redis_url, worker):
