@@ -7,7 +7,10 @@ duplicated, or missed while a connection is down) and the durable log
 
 1. SUBSCRIBE to the channel and wait for Redis to confirm it;
 2. replay the log from the next position (XRANGE), so everything written
-   before the subscription took effect is read from the log;
+   before the subscription took effect is read from the log; it is read in
+   pages of :data:`LOG_PAGE` entries (XRANGE ... COUNT), the next page only
+   once the reader handed out the last one's events, so a resumed 30k-token
+   stream never arrives in one reply;
 3. take pub/sub messages: a position already passed is dropped, a position
    beyond the next one means a gap, filled from the log (the worker XADDs a
    message before it PUBLISHes it, in one pipeline, so a published
@@ -34,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import keys
 from common.errors import InvalidRequestError, JobCancelled, JobNotFound, ResultTimeout, StreamIncomplete
-from common.jobs import StreamMessage, decode_stream_message, log_entry_id
+from common.jobs import StreamMessage, decode_stream_message, log_entry_id, log_entry_position
 from common.redis_conn import RedisUnavailableError
 from common.results import TokenEvent
 from common.token_log import decode_log
@@ -49,6 +52,8 @@ FINISHED_GRACE_S = 5.0
 RECONNECT_GIVE_UP_S = 30.0
 """Seconds of failing reconnects after which a reader raises :class:`RedisUnavailableError`."""
 SUBSCRIBE_CONFIRM_S = 5.0
+LOG_PAGE = 512
+"""Token-log entries one XRANGE reads (a page); a full page means the log may hold more after it."""
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 2.0
 # redis-py wraps socket errors in its own classes; builtin ConnectionError covers a reset socket.
@@ -107,6 +112,7 @@ class ReaderCore:
         self.backoff = Backoff()
         self.exhausted = False
         self.pubsub: Any = None
+        self.log_from: int | None = None  # after a full page: the position the next page of the log starts at
         self._conn, self._pubsub_conn = conn, pubsub_conn
 
     # -- the plans the readers run
@@ -143,6 +149,9 @@ class ReaderCore:
         try:
             if self.pubsub is None:
                 yield from self._connect()
+                return
+            if self.log_from is not None:  # the log's next page before any wait: it is there already
+                yield from self._read_page(self.log_from)
                 return
             pubsub, timeout = self.pubsub, self.poll_s()
             message = yield Call(lambda: pubsub.get_message(timeout=timeout))
@@ -186,22 +195,27 @@ class ReaderCore:
             yield from self._replay()
 
     def _replay(self) -> Plan[None]:
+        """Read the log's first page from the next position (:meth:`_step` reads the pages after it)."""
         if self.cursor.end is None:
-            log_key, first = keys.token_log(self.job_id), log_entry_id(self.cursor.next_position)
-            entries = yield Call(lambda: self._conn.xrange(log_key, min=first))
-            self.take(decode_log(entries), from_log=True)
+            yield from self._read_page(self.cursor.next_position)
+
+    def _read_page(self, position: int) -> Plan[None]:
+        """Read one page of the log, from ``position`` on."""
+        log_key, first = keys.token_log(self.job_id), log_entry_id(position)
+        entries = yield Call(lambda: self._conn.xrange(log_key, min=first, count=LOG_PAGE))
+        self.take_page(entries)
 
     def _refresh(self) -> Plan[None]:
-        """The idle re-read: rq status, then the log from the next position (one round trip)."""
+        """The idle re-read: rq status, then the log's first page from the next position (one round trip)."""
         job_key, log_key = keys.rq_job_key(self.job_id), keys.token_log(self.job_id)
         first = log_entry_id(self.cursor.next_position)
 
         def status_and_log(pipe: Any) -> None:
             pipe.hget(job_key, "status")
-            pipe.xrange(log_key, min=first)
+            pipe.xrange(log_key, min=first, count=LOG_PAGE)
 
         raw_status, entries = yield Pipelined(self._conn, status_and_log)
-        self.take(decode_log(entries), from_log=True)
+        self.take_page(entries)
         state, failure = job_state(raw_status), None
         if state is JobState.FAILED and self.cursor.end is None:
             results = yield Call(lambda: self._conn.xrevrange(keys.rq_result_key(self.job_id), count=3))
@@ -226,6 +240,17 @@ class ReaderCore:
         return job_state(raw_status).value
 
     # -- decisions
+
+    def take_page(self, entries: list[tuple[Any, Any]]) -> None:
+        """Take one page of log entries (an XRANGE reply); after a full page, note where the next one starts.
+
+        The next page starts just past this page's last entry (XRANGE's
+        ``min`` is inclusive), not at the cursor's next position: entries held
+        beyond a hole are not read again, and no position is skipped.
+        """
+        self.take(decode_log(entries), from_log=True)
+        full = len(entries) >= LOG_PAGE and self.cursor.end is None
+        self.log_from = log_entry_position(entries[-1][0]) + 1 if full else None
 
     def take(self, messages: Iterable[StreamMessage], *, from_log: bool) -> None:
         ready = self.cursor.offer_all(messages, from_log=from_log)
@@ -266,12 +291,13 @@ class ReaderCore:
     def judge_status(self, state: JobState, failure: str | None) -> None:
         """After an idle re-read found no end: raise if rq's status says the stream can never end.
 
-        Not while tokens the same re-read brought wait to be handed out: the
+        Not while tokens the same re-read brought wait to be handed out, nor
+        while the log has pages left to read (the end may be in one): the
         caller gets them first (and may resume at :attr:`delivered` after an
         error); the next idle re-read judges the status again.
         """
         self.idle_since = time.monotonic()
-        if self.cursor.end is not None or self.ready:
+        if self.cursor.end is not None or self.ready or self.log_from is not None:
             return
         job_id, received = self.job_id, self.delivered
         if state is JobState.FAILED:
