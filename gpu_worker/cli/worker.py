@@ -10,8 +10,8 @@ from common.errors import TpqError
 from common.groups import hostname
 from common.metrics import port_arg
 from common.settings import get_settings
+from common.worker_options import add_engine_options
 
-DEFAULT_DTYPE = "float32"
 
 
 def default_group_name() -> str:
@@ -23,12 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpq worker", description=__doc__)
     parser.add_argument("--group", default=None, help="group name, unique per deployment (default: the host name)")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: TPQ_TP, 1)")
-    parser.add_argument("--model", default=None, help="model name or path (default: TPQ_MODEL)")
-    parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
-    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory per rank")
-    parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    add_engine_options(parser, with_defaults=True)
     parser.add_argument("--no-restart", action="store_true", help="exit when the group fails instead of restarting")
     parser.add_argument("--metrics-port", type=port_arg, default=None,
                         help="port of rank 0's Prometheus /metrics; 0 turns it off (default: TPQ_WORKER_METRICS_PORT, "
@@ -46,6 +41,8 @@ def engine_options(args: argparse.Namespace, settings) -> dict:
                "enable_prefix_caching": not args.no_prefix_caching}
     if args.device:
         options["device"] = args.device
+    if args.quantization:
+        options["quantization"] = args.quantization
     return options
 
 

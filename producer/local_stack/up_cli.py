@@ -8,31 +8,27 @@ import threading
 from common.errors import TpqError
 from common.redis_conn import redact_url
 from common.settings import get_settings
+from common.worker_options import add_engine_options, engine_argv
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpq up", description=__doc__)
     parser.add_argument("--groups", type=int, default=1, help="worker groups to run (default 1)")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per group (default: TPQ_TP, 1)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences a group decodes together")
     parser.add_argument("--ready-timeout-s", type=float, default=600.0, help="how long groups may take to load")
     parser.add_argument("--no-metrics", action="store_true",
                         help="serve no Prometheus /metrics (default: the supervisor on TPQ_SUPERVISOR_METRICS_PORT, "
                              "9460, group i on TPQ_WORKER_METRICS_PORT + i, 9461 + i)")
     parser.add_argument("--http-port", type=int, default=None,
                         help="port of the OpenAI-compatible gateway (default: TPQ_HTTP_PORT, 8000; 0: none)")
+    add_engine_options(parser.add_argument_group("engine options, passed on to every group's tpq worker"),
+                       with_defaults=False)
     return parser
 
 
 def worker_args(args: argparse.Namespace) -> list[str]:
     """The ``tpq worker`` options ``tpq up`` passes on to each group."""
-    extra = []
-    if args.dtype:
-        extra += ["--dtype", args.dtype]
-    if args.max_num_seqs:
-        extra += ["--max-num-seqs", str(args.max_num_seqs)]
-    return extra
+    return engine_argv(args)
 
 
 def main(argv: list[str]) -> int:
