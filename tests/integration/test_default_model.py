@@ -59,7 +59,7 @@ def test_config(model_dir: Path) -> None:
     assert (config["rope_theta"], config["rms_norm_eps"], config["max_position_embeddings"]) == (100000.0, 1e-5, 8192)
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
     assert sorted(p.name for p in model_dir.iterdir()) == [
-        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+        "chat_template.jinja", "config.json", "generation_config.json", "model.gguf", "model.safetensors",
         "tokenizer.json", "tokenizer_config.json"]
 
 

