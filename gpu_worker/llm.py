@@ -14,11 +14,12 @@ from collections.abc import Iterator, Mapping, Sequence as SequenceABC
 from typing import Union
 
 from common.errors import InvalidRequestError
-from common.results import ChatMessage, GenerationResult, TokenEvent
+from common.results import ChatMessage, FinishReason, GenerationResult, TokenEvent
 from common.sampling import SamplingParams
 from gpu_worker.engine.engine_config import DEFAULT_MODEL, EngineConfig
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.sequence import Priority
+from gpu_worker.engine.text_stage import TextOutput, TextStage
 
 Chat = SequenceABC[Union[ChatMessage, Mapping]]
 TokensPrompt = Mapping  # {"prompt_token_ids": [int, ...]}
@@ -45,6 +46,7 @@ class Engine:
         self.config = EngineConfig(model=model, tp=tp, dtype=dtype, **options)
         self.llm = LLMEngine(self.config)
         self.tokenizer = self.llm.tokenizer
+        self.texts = TextStage(self.tokenizer, self.llm.eos_token_ids)
         self._ids = itertools.count()
 
     def __enter__(self) -> Engine:
@@ -80,12 +82,21 @@ class Engine:
         pending = set(request_ids)
         try:
             while pending:
-                output = self.llm.step()
-                yield output.events, output.finished
-                pending.difference_update(r.request_id for r in output.finished)
+                text = self._step()
+                yield text.events, text.finished
+                pending.difference_update(r.request_id for r in text.finished)
         finally:
             for request_id in pending:  # an error or an abandoned stream: free their cache blocks
                 self.llm.abort(request_id)
+                self.texts.discard(request_id)
+
+    def _step(self) -> TextOutput:
+        """One engine step and its text; a request whose stop string appeared stops before the next step."""
+        output = self.llm.step()
+        text = self.texts.process(output.tokens, output.finished)
+        stopped = [self.llm.abort(request_id, FinishReason.STOP) for request_id in text.stops]
+        text.finished += self.texts.process([], [done for done in stopped if done is not None]).finished
+        return text
 
     def _add(self, prompts, sampling, priority) -> list[str]:
         prompt_list = self._as_prompt_list(prompts)
@@ -96,6 +107,7 @@ class Engine:
         request_ids = [f"offline-{next(self._ids)}" for _ in token_ids]
         for request_id, ids, params in zip(request_ids, token_ids, samplings):
             self.llm.add_request(request_id, ids, params, priority)
+            self.texts.add(request_id, ids, params)
         return request_ids
 
     @staticmethod

@@ -1,16 +1,21 @@
-"""The rank-0 engine loop: admit requests, step the batch, turn sampled tokens into events and results."""
+"""The rank-0 engine loop: admit requests, step the batch, report each sampled token and each finished request.
+
+The engine never handles text: it hands on (request, token) pairs and
+finished requests' token ids, and a text stage
+(:mod:`gpu_worker.engine.text_stage`, run off the decode thread when
+serving) detokenizes them and matches stop strings.
+"""
 from __future__ import annotations
 
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from common.errors import InvalidConfigError, InvalidRequestError
-from common.results import FinishReason, GenerationResult, Timings, TokenEvent, TokenLogprob, Usage
+from common.results import FinishReason, GenerationResult, Timings, TokenLogprob, Usage
 from common.sampling import SamplingParams
 from gpu_worker.models.config import ModelConfig
 from gpu_worker.engine.block_manager import BlockManager
@@ -24,17 +29,63 @@ from gpu_worker.engine.scheduler import Scheduler, SchedulerConfig
 from gpu_worker.engine.sequence import Priority, Sequence
 from gpu_worker.weights.model_store import resolve_model
 from common.heartbeat import HeartbeatSpec
-from gpu_worker.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from gpu_worker.models.tokenizer import Tokenizer
 
 log = logging.getLogger("tpqueue.engine")
 
 
+@dataclass(slots=True)
+class SampledToken:
+    """One sampled token of one request, without text; ``index`` counts the request's generated tokens from 0.
+
+    ``finish_reason`` is set on the token that ended the request on the engine's side (EOS, a stop token
+    id, max_tokens, the context length); ``logprob`` when the request asked for logprobs.
+    """
+
+    request_id: str
+    index: int
+    token_id: int
+    sampled_at: float
+    finish_reason: FinishReason | None = None
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(slots=True)
+class FinishedRequest:
+    """A request the engine no longer runs: all its generated token ids (resumed ones included), no text."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    cached_tokens: int
+    queue_s: float
+    time_to_first_token_s: float
+    total_s: float
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+    def result(self, text: str, num_tokens: int | None = None,
+               finish_reason: FinishReason | None = None) -> GenerationResult:
+        """The request's result with ``text``, keeping only its first ``num_tokens`` tokens (None: all)."""
+        kept = len(self.token_ids) if num_tokens is None else num_tokens
+        return GenerationResult(
+            request_id=self.request_id, text=text, token_ids=self.token_ids[:kept],
+            finish_reason=finish_reason or self.finish_reason,
+            usage=Usage(prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens, generated_tokens=kept),
+            timings=Timings(queue_s=self.queue_s, time_to_first_token_s=self.time_to_first_token_s,
+                            total_s=self.total_s),
+            logprobs=None if self.logprobs is None else self.logprobs[:kept],
+            prompt_logprobs=self.prompt_logprobs,
+        )
+
+
 @dataclass
 class StepOutput:
-    """What one step produced: a token event per sampled token, and the requests that finished."""
+    """What one step produced: each sampled token, and the requests that finished."""
 
-    events: list[TokenEvent] = field(default_factory=list)
-    finished: list[GenerationResult] = field(default_factory=list)
+    tokens: list[SampledToken] = field(default_factory=list)
+    finished: list[FinishedRequest] = field(default_factory=list)
 
 
 @dataclass
@@ -51,10 +102,6 @@ class EngineStats:
 @dataclass
 class _Request:
     seq: Sequence
-    detokenizer: IncrementalDetokenizer | None  # None once the text is final
-    holdback: int              # characters kept back while they might begin a stop string
-    text: str = ""
-    num_emitted_chars: int = 0
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked
 
 
@@ -97,9 +144,9 @@ class LLMEngine:
 
         ``resume_token_ids`` are tokens this request already generated (and
         streamed) before an earlier run of it died: they are prefilled with
-        the prompt, count as generated, and the events continue at index
-        ``len(resume_token_ids)``, with text deltas that continue the text
-        already sent. Greedy and seeded requests continue as the run that
+        the prompt, count as generated, and its tokens continue at index
+        ``len(resume_token_ids)`` (the text stage rebuilds the text already
+        sent from them). Greedy and seeded requests continue as the run that
         died would have (the sampler keys its draws by seed and token index).
         ``resume_logprobs`` are those tokens' log-probabilities as the earlier
         run streamed them (with ``sampling.logprobs``; entries with ``logprob``
@@ -112,15 +159,11 @@ class LLMEngine:
         if resume_logprobs is not None and [lp.token_id for lp in resume_logprobs] != list(resume_token_ids):
             raise InvalidRequestError("resume_logprobs must give one entry per resumed token, for the same tokens")
         seq = Sequence(request_id, list(prompt_token_ids), sampling, priority)
-        holdback = max((len(s) for s in sampling.stop), default=1) - 1
-        request = _Request(seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids), holdback)
+        request = _Request(seq)
         if sampling.logprobs is not None:
             request.logprobs = list(resume_logprobs or [TokenLogprob(token_id=t) for t in resume_token_ids])
         for token in resume_token_ids:
             seq.append_token(token)
-            if token not in self.eos_token_ids and token not in sampling.stop_token_ids:
-                request.text += request.detokenizer.push(token)
-        request.num_emitted_chars = max(0, len(request.text) - holdback)  # what the earlier run streamed
         self._requests[request_id] = request
         self.scheduler.add(seq)
 
@@ -144,8 +187,8 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
-    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> GenerationResult | None:
-        """Stop a request now; returns its partial result, or None if it is not here."""
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> FinishedRequest | None:
+        """Stop a request now (a cancel, a deadline, a stop string the text stage found); None if it is not here."""
         request = self._requests.get(request_id)
         if request is None:
             return None
@@ -164,7 +207,7 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------
     def step(self) -> StepOutput:
-        """Schedule, run one forward pass on every rank, sample, and report what happened."""
+        """Schedule, run one forward pass on every rank, sample, and report the tokens and finished requests."""
         batch = self.scheduler.schedule()
         output = StepOutput()
         if not batch.seqs:
@@ -237,39 +280,16 @@ class LLMEngine:
         reason = None
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = FinishReason.STOP
-        else:
-            request.text += request.detokenizer.push(token)
-            if params.stop and self._truncate_at_stop_string(request):
-                reason = FinishReason.STOP
-                request.detokenizer = None  # the text ends at the stop string: nothing left to flush
-        if reason is None and (seq.num_generated_tokens >= params.max_tokens
-                               or seq.num_tokens >= self.max_model_len):
+        elif seq.num_generated_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
-        if reason is not None and request.detokenizer is not None:
-            request.text += request.detokenizer.flush()
-        visible_end = len(request.text) if reason else max(request.num_emitted_chars,
-                                                            len(request.text) - request.holdback)
-        delta = request.text[request.num_emitted_chars:visible_end]
-        request.num_emitted_chars = visible_end
         if logprob is not None:
             request.logprobs.append(logprob)
-        output.events.append(TokenEvent(
-            request_id=seq.request_id, index=seq.num_generated_tokens - 1, token_id=token, text=delta,
-            finish_reason=reason, sampled_at=sampled_at, logprob=None if logprob is None else logprob.logprob,
-            top_logprobs=None if logprob is None else logprob.top_logprobs))
+        output.tokens.append(SampledToken(seq.request_id, seq.num_generated_tokens - 1, token, sampled_at,
+                                          reason, logprob))
         if reason is not None:
             output.finished.append(self._finish(request, reason))
 
-    @staticmethod
-    def _truncate_at_stop_string(request: _Request) -> bool:
-        search_from = max(0, request.num_emitted_chars - request.holdback)
-        hits = [i for s in request.seq.sampling.stop if (i := request.text.find(s, search_from)) >= 0]
-        if not hits:
-            return False
-        request.text = request.text[:min(hits)]
-        return True
-
-    def _finish(self, request: _Request, reason: FinishReason) -> GenerationResult:
+    def _finish(self, request: _Request, reason: FinishReason) -> FinishedRequest:
         seq = request.seq
         if not seq.is_finished:
             self.scheduler.finish(seq, reason)
@@ -277,16 +297,9 @@ class LLMEngine:
         del self._requests[seq.request_id]
         now = time.monotonic()
         start = seq.first_scheduled_time or now
-        return GenerationResult(
-            request_id=seq.request_id,
-            text=request.text,
-            token_ids=seq.generated_token_ids,
-            finish_reason=reason,
-            usage=Usage(prompt_tokens=seq.num_prompt_tokens, cached_tokens=seq.num_cached_tokens,
-                        generated_tokens=seq.num_generated_tokens),
-            timings=Timings(queue_s=start - seq.arrival_time,
-                            time_to_first_token_s=(seq.first_token_time or now) - seq.arrival_time,
-                            total_s=now - seq.arrival_time),
-            logprobs=request.logprobs,
-            prompt_logprobs=seq.prompt_logprobs,
+        return FinishedRequest(
+            request_id=seq.request_id, token_ids=seq.generated_token_ids, finish_reason=reason,
+            prompt_tokens=seq.num_prompt_tokens, cached_tokens=seq.num_cached_tokens,
+            queue_s=start - seq.arrival_time, time_to_first_token_s=(seq.first_token_time or now) - seq.arrival_time,
+            total_s=now - seq.arrival_time, logprobs=request.logprobs, prompt_logprobs=seq.prompt_logprobs,
         )

@@ -2,8 +2,11 @@
 
 Other threads hand it commands (:class:`Admit`, :class:`Abort`) through a
 thread-safe inbox; it drains the inbox between steps, runs one engine step
-whenever there is work, and hands each step's token events and finished
-results to ``report`` (the publisher's queue) without waiting on anything.
+whenever there is work, and hands each step's sampled tokens and finished
+requests (token ids only: no text is made here) to ``report`` (the
+publisher's queue) without waiting on anything. The publisher's text stage
+turns them into token events and results; a stop string it finds comes back
+as an :class:`Abort` with ``FinishReason.STOP``.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from common.errors import InvalidRequestError
 from common.results import FinishReason, GenerationResult, TokenEvent, TokenLogprob
 from common.sampling import SamplingParams
-from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.engine.llm_engine import FinishedRequest, LLMEngine, SampledToken
 from gpu_worker.engine.sequence import Priority
 
 log = logging.getLogger(__name__)
@@ -50,14 +53,23 @@ class Abort:
 
 @dataclass
 class StepReport:
-    """What one pass of the loop produced: token events, finished results, and refused admissions."""
+    """What one pass of the loop produced, and then what the publisher writes of it.
 
+    The loop fills ``admitted`` (the requests it added to the engine, in
+    order), ``tokens`` and ``done`` (the engine's output: no text) and
+    ``rejected``; the publisher's text stage turns ``tokens`` and ``done``
+    into ``events`` and ``finished`` before anything is written.
+    """
+
+    admitted: list[Admit] = field(default_factory=list)
+    tokens: list[SampledToken] = field(default_factory=list)
+    done: list[FinishedRequest] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
     finished: list[GenerationResult] = field(default_factory=list)
     rejected: list[tuple[str, str, bool]] = field(default_factory=list)  # (request id, why, worth a retry)
 
     def __bool__(self) -> bool:
-        return bool(self.events or self.finished or self.rejected)
+        return bool(self.admitted or self.tokens or self.done or self.events or self.finished or self.rejected)
 
 
 class EngineLoop:
@@ -87,10 +99,10 @@ class EngineLoop:
             if self._active:
                 output = self.engine.step()
                 self.steps += 1
-                report.events.extend(output.events)
-                report.finished.extend(output.finished)
-            for result in report.finished:
-                self._active.discard(result.request_id)
+                report.tokens.extend(output.tokens)
+                report.done.extend(output.finished)
+            for done in report.done:
+                self._active.discard(done.request_id)
             self.in_flight = len(self._active)
             if report:
                 self._report(report)
@@ -109,9 +121,9 @@ class EngineLoop:
 
     def _apply(self, command: Admit | Abort, report: StepReport) -> None:
         if isinstance(command, Abort):
-            result = self.engine.abort(command.request_id, command.reason)
-            if result is not None:
-                report.finished.append(result)
+            done = self.engine.abort(command.request_id, command.reason)
+            if done is not None:
+                report.done.append(done)
             return
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling,
@@ -124,5 +136,6 @@ class EngineLoop:
             log.exception("request %s could not be added to the engine", command.request_id)
             report.rejected.append((command.request_id, f"{type(exc).__name__}: {exc}", True))
             return
+        report.admitted.append(command)
         self._active.add(command.request_id)
         self.in_flight = len(self._active)

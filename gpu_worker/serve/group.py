@@ -3,7 +3,8 @@
 Threads of the rank-0 process, each with one job and (for Redis) its own connection:
 
 - main: :class:`EngineLoop` (the decode loop; no Redis);
-- ``tpq-publisher``: token events and end records to Redis, one pipeline per step;
+- ``tpq-publisher``: the text of each step's tokens (detokenizing, stop strings), then token events and end
+  records to Redis, one pipeline per step;
 - ``tpq-job-pump``: claims, admits, cancels and finishes jobs through rq;
 - ``tpq-heartbeat-0``: rank 0's heartbeat (ranks 1.. run their own, in their processes).
 
@@ -28,10 +29,12 @@ from common.groups import GroupInfo, hostname, new_incarnation, register_group, 
 from common.metrics import GroupMetrics
 from common.pickle_guard import disable_pickle
 from common.redis_conn import connect
+from common.results import FinishReason
 from common.settings import Settings
 from gpu_worker.engine.engine_config import EngineConfig
 from gpu_worker.engine.llm_engine import LLMEngine
-from gpu_worker.serve.engine_loop import EngineLoop
+from gpu_worker.engine.text_stage import TextStage
+from gpu_worker.serve.engine_loop import Abort, EngineLoop
 from common.heartbeat import HeartbeatSpec, HeartbeatThread
 from gpu_worker.serve.job_pump import Fenced, JobPump, ShutdownMode
 from gpu_worker.serve.metrics import serve_group_metrics
@@ -76,7 +79,10 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
     try:
         publisher = Publisher(redis_url, settings.token_log_maxlen, settings.token_log_ttl_s,
                               on_written=lambda report: pump.on_written(report),
-                              metrics=GroupMetrics(options.group))
+                              metrics=GroupMetrics(options.group),
+                              texts=TextStage(engine.tokenizer, engine.eos_token_ids),
+                              stop_request=lambda request_id: loop.submit(Abort(request_id, FinishReason.STOP)),
+                              on_failed=stop.set)
         loop = EngineLoop(engine, report=publisher.put)
         pump = JobPump(settings, redis_url, options.group, incarnation, loop, engine.tokenizer,
                        max_in_flight=config.max_num_seqs)
@@ -102,7 +108,7 @@ def serve(settings: Settings, redis_url: str, options: GroupOptions, stop: threa
         loop.run(stop)
         if isinstance(pump.error, Fenced):
             code = EXIT_FENCED
-        elif pump.error is not None:
+        elif pump.error is not None or publisher.error is not None:
             code = EXIT_GROUP_FAILED
     except WorkerGroupError as exc:
         log.error("group %s failed: %s", options.group, exc)

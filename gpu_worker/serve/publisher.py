@@ -1,7 +1,11 @@
-"""Rank 0's publisher thread: each step's token events and end records to Redis in one pipeline.
+"""Rank 0's publisher thread: each step's text, then its token events and end records to Redis in one pipeline.
 
-It takes :class:`StepReport` objects from the engine loop, merges whatever
-has queued up, and writes them with :func:`common.token_log.append_messages`
+It takes :class:`StepReport` objects from the engine loop and first runs
+each through its :class:`TextStage` (detokenizing and stop strings, off the
+decode thread): a stop string found asks the loop, through ``stop_request``,
+to stop that sequence, and the tokens the engine sampled past it are
+dropped before anything is written. Then it merges whatever has queued up
+and writes it with :func:`common.token_log.append_messages`
 (XADD to the job's durable log, PUBLISH on its channel) in one round trip.
 Only after a job's last messages are written does it hand the job's result
 to ``on_written``, so a job is never reported finished before its tokens
@@ -28,6 +32,7 @@ from common.redis_conn import connect
 from common.results import StreamEnd
 from common.jobs import StreamMessage
 from common.token_log import append_messages, message_runs, position_of, queue_messages
+from gpu_worker.engine.text_stage import TextStage
 from gpu_worker.serve.engine_loop import StepReport
 
 log = logging.getLogger(__name__)
@@ -38,16 +43,24 @@ RETRY_PAUSE_CAP_S = 5.0
 class Publisher(threading.Thread):
     """Writes step reports to Redis; ``on_written(report)`` runs after each report's messages are stored.
 
-    With ``metrics``, it counts the published tokens and their inter-token latency.
+    ``texts`` makes the text of the engine's raw tokens (a report with only
+    events and results, as tests write, needs none); ``stop_request(request_id)``
+    asks the engine loop to stop a request whose stop string it found;
+    ``on_failed()`` runs if the thread dies (its exception in ``error``). With
+    ``metrics``, it counts the published tokens and their inter-token latency.
     """
 
     def __init__(self, redis_url: str, log_maxlen: int, log_ttl_s: int,
                  on_written: Callable[[StepReport], None], client_name: str = "tpq-publisher",
-                 metrics: GroupMetrics | None = None) -> None:
+                 metrics: GroupMetrics | None = None, texts: TextStage | None = None,
+                 stop_request: Callable[[str], None] = lambda request_id: None,
+                 on_failed: Callable[[], None] = lambda: None) -> None:
         super().__init__(name="tpq-publisher", daemon=True)
         self._conn = connect(redis_url, client_name=client_name)
         self._maxlen, self._ttl_s = log_maxlen, log_ttl_s
         self._on_written = on_written
+        self._texts, self._stop_request, self._on_failed = texts, stop_request, on_failed
+        self.error: BaseException | None = None
         self._metrics = metrics
         self._reports: queue.SimpleQueue[StepReport | None] = queue.SimpleQueue()
         self._kept: dict[str, list[StreamMessage]] = {}  # per running job: its messages written here, in order
@@ -65,6 +78,14 @@ class Publisher(threading.Thread):
         self._conn.close()
 
     def run(self) -> None:
+        try:
+            self._publish()
+        except BaseException as exc:  # noqa: BLE001 - reported to the group, which restarts
+            log.exception("the publisher failed; the group stops")
+            self.error = exc
+            self._on_failed()
+
+    def _publish(self) -> None:
         while True:
             batch = [self._reports.get()]
             while True:
@@ -73,12 +94,29 @@ class Publisher(threading.Thread):
                 except queue.Empty:
                     break
             done = batch[-1] is None
-            merged = _merge([r for r in batch if r is not None])
+            reports = [r for r in batch if r is not None]
+            for report in reports:  # one at a time, in order: a request's admission precedes its tokens
+                self._add_text(report)
+            merged = _merge(reports)
             if merged:
                 self._write(merged)
                 self._on_written(merged)
             if done:
                 return
+
+    def _add_text(self, report: StepReport) -> None:
+        """Turn the report's raw tokens and finished requests into events and results; ask for the stops."""
+        if not (report.admitted or report.tokens or report.done):
+            return
+        assert self._texts is not None, "the engine loop's reports need the publisher's text stage"
+        for admit in report.admitted:
+            self._texts.add(admit.request_id, admit.prompt_token_ids, admit.sampling, admit.resume_token_ids)
+        text = self._texts.process(report.tokens, report.done)
+        for request_id in text.stops:
+            self._stop_request(request_id)
+        report.events.extend(text.events)
+        report.finished.extend(text.finished)
+        report.admitted, report.tokens, report.done = [], [], []
 
     def _write(self, report: StepReport) -> None:
         ends = [StreamEnd(request_id=r.request_id, num_tokens=len(r.token_ids), finish_reason=r.finish_reason)

@@ -8,8 +8,10 @@ from pydantic import ValidationError
 from common.errors import InvalidConfigError, InvalidRequestError, ModelNotFoundError
 from common.results import FinishReason
 from common.sampling import SamplingParams
+from gpu_worker.engine.text_stage import TextStage
 from gpu_worker.models.config import ModelConfig
 from gpu_worker.llm import Engine
+from tests.text_checks import spanning_stop
 
 BLOCK = 4
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
@@ -217,17 +219,21 @@ def test_bfloat16_engine_agrees_with_float32_on_first_tokens(tiny_llama_dir, ref
 
 
 def test_resume_continues_at_the_next_index_without_gap_or_duplicate(engine):
-    """A requeued request re-prefills prompt + streamed tokens and continues where the stream stopped."""
+    """A requeued request re-prefills prompt + streamed tokens and continues where the stream stopped;
+    the text stage rebuilds the text already sent, so the deltas continue it."""
     prompt = engine.tokenizer.encode("Resume me, please: the story continues")
     sampling = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=("zzzz",))
     first_run = list(engine.stream(as_token_prompt(prompt), sampling))
     sent_before_crash = first_run[:8]
-    llm, events, finished = engine.llm, [], []
-    llm.add_request("resumed", prompt, sampling, resume_token_ids=[e.token_id for e in sent_before_crash])
+    resumed = [e.token_id for e in sent_before_crash]
+    llm, texts, events, finished = engine.llm, TextStage(engine.tokenizer, engine.llm.eos_token_ids), [], []
+    llm.add_request("resumed", prompt, sampling, resume_token_ids=resumed)
+    texts.add("resumed", prompt, sampling, resume_token_ids=resumed)
     while llm.has_unfinished():
         output = llm.step()
-        events += output.events
-        finished += output.finished
+        text = texts.process(output.tokens, output.finished)
+        events += text.events
+        finished += text.finished
     [result] = finished
     assert [e.index for e in events] == list(range(8, 20))
     assert result.token_ids == [e.token_id for e in first_run]
@@ -239,3 +245,18 @@ def test_resume_continues_at_the_next_index_without_gap_or_duplicate(engine):
 def test_resume_of_a_finished_request_is_refused(engine):
     with pytest.raises(InvalidRequestError, match="already finished"):
         engine.llm.add_request("done", [5, 6, 7], SamplingParams(max_tokens=3), resume_token_ids=[8, 9, 10])
+
+
+def test_a_stop_string_across_tokens_ends_the_text_events_and_tokens_before_it(engine):
+    prompt = "Once upon a time"
+    free_sampling = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    free = list(engine.stream(prompt, free_sampling))
+    stop, k = spanning_stop([e.text for e in free])
+    full = "".join(e.text for e in free)
+    sampling = free_sampling.model_copy(update={"stop": (stop,)})
+    events = list(engine.stream(prompt, sampling))
+    [result] = engine.generate(prompt, sampling)
+    assert result.finish_reason is FinishReason.STOP and events[-1].finish_reason is FinishReason.STOP
+    assert result.text == "".join(e.text for e in events) == full[:full.index(stop)]
+    assert [e.token_id for e in events] == result.token_ids == [e.token_id for e in free[:k + 2]]
+    assert result.usage.generated_tokens == k + 2

@@ -111,7 +111,7 @@ def test_a_resumed_request_keeps_the_logged_logprobs_and_computes_the_rest(engin
                     resume_logprobs=full.logprobs[:3])
     while llm.has_unfinished():
         output = llm.step()
-        events += output.events
+        events += output.tokens
         finished += output.finished
     [result] = finished
     assert [e.index for e in events] == [3, 4, 5]
