@@ -42,6 +42,7 @@ rate_limit(k)          ``tpq:ratelimit:<k>``            hash with TTL: API key `
                                                         buckets (levels and when they were last filled)
 api_file(f)            ``tpq:file:<f>``                 hash: an uploaded (or batch output) file of the
                                                         Batch API: its object's fields and ``content``
+                                                        (or ``part``: see api_file_part)
 api_files()            ``tpq:files``                    sorted set: file ids, newest first (listing)
 api_batch(b)           ``tpq:apibatch:<b>``             hash: the state of an HTTP Batch API batch
                                                         (status, timestamps, counts, files, errors)
@@ -49,6 +50,10 @@ api_batches()          ``tpq:apibatches``               sorted set: HTTP batch i
 api_batches_open()     ``tpq:apibatchopen``             set: HTTP batches not yet final (the keepers' work)
 api_batch_lines(b)     ``tpq:apibatchlines:<b>``        list: batch ``b``'s checked input lines (JSON)
 api_batch_output(b)    ``tpq:apibatchout:<b>``          hash: custom_id -> output line, each written once
+api_batch_done(b)      ``tpq:apibatchdone:<b>``         set: positions of batch ``b``'s lines that have
+                                                        an output line (written with it)
+api_file_part(f, p)    ``tpq:filepart:<f>:<p>``         list: the content of file ``f`` in chunks, as
+                                                        written by writer ``p`` (a batch's output files)
 api_batch_lease(b)     ``tpq:lock:apibatch:<b>``        string (SET NX PX): the gateway replica driving
                                                         batch ``b``
 vocab(m)               ``tpq:vocab:<m>``                hash: model ``m``'s vocabulary (token id -> bytes),
@@ -125,6 +130,8 @@ API_BATCHES_OPEN = "tpq:apibatchopen"
 API_BATCH_LINES_PREFIX = "tpq:apibatchlines:"
 API_BATCH_OUTPUT_PREFIX = "tpq:apibatchout:"
 API_BATCH_LEASE_PREFIX = "tpq:lock:apibatch:"
+API_BATCH_DONE_PREFIX = "tpq:apibatchdone:"
+API_FILE_PART_PREFIX = "tpq:filepart:"
 VOCAB_PREFIX = "tpq:vocab:"
 JOB_COUNTERS = ("enqueued", "cancelled")  # what clients count per queue (see job_counter)
 
@@ -361,6 +368,21 @@ def api_batch_lines(batch_id: str) -> str:
 def api_batch_output(batch_id: str) -> str:
     """Hash from custom_id to the output line of an HTTP batch, each written once: ``tpq:apibatchout:<id>``."""
     return f"{API_BATCH_OUTPUT_PREFIX}{validate_batch_id(batch_id)}"
+
+
+def api_batch_done(batch_id: str) -> str:
+    """Set of the positions (0-based) of an HTTP batch's lines that have an output line: ``tpq:apibatchdone:<id>``."""
+    return f"{API_BATCH_DONE_PREFIX}{validate_batch_id(batch_id)}"
+
+
+def api_file_part(file_id: str, part: str) -> str:
+    """List of a Batch API file's content chunks as one writer wrote them: ``tpq:filepart:<id>:<part>``.
+
+    ``part`` names the writer (same rules as file ids), so that two writers
+    of the same file never mix their chunks; the file's hash says which
+    part is its content.
+    """
+    return f"{API_FILE_PART_PREFIX}{validate_file_id(file_id)}:{validate_file_id(part)}"
 
 
 def api_batch_lease(batch_id: str) -> str:

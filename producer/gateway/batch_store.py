@@ -8,17 +8,20 @@ lines enqueued so far), ``errors`` (validation failures, JSON),
 (``keys.api_batch_lines``); its output a hash from ``custom_id`` to the
 output line (``keys.api_batch_output``), each written once by
 :data:`_HARVEST` (HGET then HSET in one script: a line is never written or
-counted twice, whoever writes it and whatever crashed). A status changes
-only from an expected one (:data:`_MOVE`), so a cancel and a keeper's
-finish cannot overwrite each other. The replica that drives a batch holds
+counted twice, whoever writes it and whatever crashed), which also adds the
+line's position to ``keys.api_batch_done`` (so that a replica taking a
+batch over learns which lines are done without reading them all). A status
+changes only from an expected one (:data:`_MOVE`), so a cancel and a
+keeper's finish cannot overwrite each other. The replica that drives a batch holds
 its lease (``keys.api_batch_lease``, SET NX PX, renewed by
 :data:`_RENEW`). Scripts use only commands the README's ACL user has.
 """
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +33,9 @@ STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "e
 FINAL = frozenset({"failed", "completed", "expired", "cancelled"})
 COMPLETION_WINDOW_S = 24 * 3600
 
+# KEYS: the output hash, the batch's hash, its done set. ARGV: custom_id, the entry, the counter, the position.
 _HARVEST = """
+redis.call('SADD', KEYS[3], ARGV[4])
 if redis.call('HGET', KEYS[1], ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
@@ -159,11 +164,39 @@ async def move(conn: Any, batch_id: str, to: str, from_: Iterable[str], now: int
     return bool(await _script(conn, _MOVE, [keys.api_batch(batch_id)], [to, len(expected), *expected, now]))
 
 
-async def harvest(conn: Any, batch_id: str, custom_id: str, entry: dict[str, Any], failed: bool) -> bool:
-    """Write one output entry (``{line, error, data}``) unless its ``custom_id`` has one; whether it was written."""
-    counter = "failed" if failed else "completed"
-    return bool(await _script(conn, _HARVEST, [keys.api_batch_output(batch_id), keys.api_batch(batch_id)],
-                              [custom_id, json.dumps(entry, separators=(",", ":")), counter]))
+@dataclass(frozen=True)
+class Harvest:
+    """One output entry to write: the line's position (0-based) and ``custom_id``, the entry, whether it failed."""
+
+    position: int
+    custom_id: str
+    entry: dict[str, Any]
+    failed: bool
+
+
+async def harvest(conn: Any, batch_id: str, items: list[Harvest]) -> list[bool | None]:
+    """Write each output entry unless its ``custom_id`` has one (one round trip for them all).
+
+    For each item: True if written now, False if it was there already (the
+    line is done either way), None if Redis refused the script (it lost its
+    scripts meanwhile: try that line again later).
+    """
+    if not items:
+        return []
+    sha = await conn.script_load(_HARVEST)  # EVALSHA in a pipeline: redis-py's own loader needs SCRIPT EXISTS
+    script_keys = [keys.api_batch_output(batch_id), keys.api_batch(batch_id), keys.api_batch_done(batch_id)]
+    async with conn.pipeline(transaction=False) as pipe:
+        for item in items:
+            entry = json.dumps(item.entry, separators=(",", ":"), ensure_ascii=False)  # read by entry_data
+            pipe.evalsha(sha, 3, *script_keys, item.custom_id, entry,
+                         "failed" if item.failed else "completed", item.position)
+        replies = await pipe.execute(raise_on_error=False)
+    return [None if isinstance(r, Exception) else bool(r) for r in replies]
+
+
+async def done_positions(conn: Any, batch_id: str) -> set[int]:
+    """The positions of the lines that have an output entry (as their harvest recorded them)."""
+    return {int(raw) for raw in await conn.smembers(keys.api_batch_done(batch_id))}
 
 
 async def harvested(conn: Any, batch_id: str, custom_ids: list[str]) -> list[bool]:
@@ -175,10 +208,37 @@ async def harvested(conn: Any, batch_id: str, custom_ids: list[str]) -> list[boo
     return out
 
 
-async def output_entries(conn: Any, batch_id: str) -> list[dict[str, Any]]:
-    """Every output entry, in input line order."""
-    raw = await conn.hgetall(keys.api_batch_output(batch_id))
-    return sorted((json.loads(v) for v in raw.values()), key=lambda e: e["line"])
+# What BatchLine.as_json and harvest() write first, read without decoding the rest (else: json.loads).
+_LINE_HEAD = re.compile(rb'\{"n":\d+,"custom_id":"([^"\\]*)",')
+_ENTRY_HEAD = re.compile(rb'\{"line":\d+,"error":(true|false),"data":')
+
+
+def _custom_id(raw: bytes) -> str:
+    head = _LINE_HEAD.match(raw)
+    return head.group(1).decode() if head else json.loads(raw)["custom_id"]
+
+
+def entry_data(raw: bytes) -> tuple[bool, bytes]:
+    """An output entry as stored: whether it is an error line, and its output line (JSON, no newline)."""
+    head = _ENTRY_HEAD.match(raw)
+    if head and raw.endswith(b"}"):
+        return head.group(1) == b"true", raw[head.end():-1]
+    entry = json.loads(raw)
+    return bool(entry["error"]), json.dumps(entry["data"], separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def custom_ids(conn: Any, batch_id: str, start: int, stop: int) -> list[str]:
+    """The ``custom_id`` of the stored input lines ``start .. stop - 1``."""
+    return [_custom_id(raw) for raw in await lines(conn, batch_id, start, stop)]
+
+
+async def output_pages(conn: Any, batch_id: str, total: int,
+                       page: int = 1000) -> AsyncIterator[list[tuple[bool, bytes]]]:
+    """The output entries in line order, as :func:`entry_data` reads them: ``page`` lines (2 round trips) at a time."""
+    for first in range(0, total, page):
+        ids = await custom_ids(conn, batch_id, first, min(total, first + page))
+        raws = await conn.hmget(keys.api_batch_output(batch_id), ids) if ids else []
+        yield [entry_data(raw) for raw in raws if raw is not None]
 
 
 async def lines(conn: Any, batch_id: str, start: int, stop: int) -> list[bytes]:
@@ -186,12 +246,40 @@ async def lines(conn: Any, batch_id: str, start: int, stop: int) -> list[bytes]:
     return await conn.lrange(keys.api_batch_lines(batch_id), start, stop - 1)
 
 
+def runs(positions: Iterable[int]) -> list[tuple[int, int]]:
+    """Positions, sorted, as ``(start, stop)`` runs of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for pos in sorted(positions):
+        if out and out[-1][1] == pos:
+            out[-1] = (out[-1][0], pos + 1)
+        else:
+            out.append((pos, pos + 1))
+    return out
+
+
+async def lines_at(conn: Any, batch_id: str, positions: Iterable[int]) -> dict[int, bytes]:
+    """The stored input lines at ``positions``, by position (one round trip: an LRANGE per run of them)."""
+    spans = runs(positions)
+    if not spans:
+        return {}
+    async with conn.pipeline(transaction=False) as pipe:
+        for start, stop in spans:
+            pipe.lrange(keys.api_batch_lines(batch_id), start, stop - 1)
+        replies = await pipe.execute()
+    return {start + offset: raw for (start, _stop), raws in zip(spans, replies) for offset, raw in enumerate(raws)}
+
+
 async def take_lease(conn: Any, batch_id: str, token: str, ttl_ms: int) -> str | None:
     """``"new"`` when this token took the lease now, ``"renewed"`` when it held it, None when another holds it."""
     key = keys.api_batch_lease(batch_id)
     if await conn.set(key, token, nx=True, px=ttl_ms):
         return "new"
-    return "renewed" if await _script(conn, _RENEW, [key], [token, ttl_ms]) else None
+    return "renewed" if await renew_lease(conn, batch_id, token, ttl_ms) else None
+
+
+async def renew_lease(conn: Any, batch_id: str, token: str, ttl_ms: int) -> bool:
+    """Extend the lease if this token holds it; whether it does."""
+    return bool(await _script(conn, _RENEW, [keys.api_batch_lease(batch_id)], [token, ttl_ms]))
 
 
 async def release_lease(conn: Any, batch_id: str, token: str) -> None:
@@ -200,8 +288,8 @@ async def release_lease(conn: Any, batch_id: str, token: str) -> None:
 
 
 async def close(conn: Any, batch_id: str) -> None:
-    """A final batch: out of the open set, its lines and output hash dropped (they are in its files now)."""
+    """A final batch: out of the open set, its lines, output hash and done set dropped (they are in its files now)."""
     async with conn.pipeline(transaction=True) as pipe:
         pipe.srem(keys.api_batches_open(), batch_id)
-        pipe.delete(keys.api_batch_lines(batch_id), keys.api_batch_output(batch_id))
+        pipe.delete(keys.api_batch_lines(batch_id), keys.api_batch_output(batch_id), keys.api_batch_done(batch_id))
         await pipe.execute()

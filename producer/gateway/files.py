@@ -1,7 +1,10 @@
 """The Batch API's files: ``/v1/files`` routes over file objects kept in Redis, so every replica sees them.
 
 A file is one hash (``keys.api_file``): ``object`` (OpenAI's file object,
-JSON) and ``content`` (the bytes). ``keys.api_files`` lists the ids, scored
+JSON) and either ``content`` (the bytes: uploads) or ``part`` (the name of
+the list of chunks that holds them, ``keys.api_file_part``: a batch's
+output files, written a chunk at a time by a :class:`FileWriter` and made
+visible whole by its ``commit``; downloads stream them a chunk at a time). ``keys.api_files`` lists the ids, scored
 by minus the creation time in microseconds, so ascending order is newest
 first (the order OpenAI lists in). Uploads are multipart (``file`` and
 ``purpose``, as the SDK's ``client.files.create`` sends them), only
@@ -16,10 +19,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.types import Message, Receive
 
@@ -32,6 +36,24 @@ from producer.gateway.errors import APIError, bad_request, not_found
 MULTIPART_SLACK_BYTES = 64 * 1024
 """Bytes a multipart upload may carry beyond its file's bound (boundaries, headers, the purpose field)."""
 MAX_LIST_LIMIT = 10_000
+CHUNK_BYTES = 1 << 20
+"""Bytes a :class:`FileWriter` gathers before it writes them as one chunk."""
+PART_TTL_S = 3600
+"""Seconds an uncommitted part lives after its last write (a writer that died leaves nothing for long)."""
+
+# KEYS[1]: the file's hash, KEYS[2]: the part, KEYS[3]: the listing. ARGV: the object (JSON), the part's name, the
+# file id, the listing score. The first commit of a file wins: a later writer's part (the same lines, written again
+# by a replica that took over) is dropped, so a download already streaming the first part is never cut short.
+_COMMIT = """
+if redis.call('HGET', KEYS[1], 'object') then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'object', ARGV[1], 'part', ARGV[2])
+redis.call('PERSIST', KEYS[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+return 1
+"""
 
 
 def now_us() -> int:
@@ -43,14 +65,67 @@ async def store_file(conn: Any, content: bytes, filename: str, purpose: str, fil
     """Store a file (a new id unless ``file_id`` is given: storing it again replaces it); its object."""
     created_us = now_us()
     file_id = keys.validate_file_id(file_id or "file-" + uuid.uuid4().hex)
-    obj = {"id": file_id, "object": "file", "bytes": len(content), "created_at": created_us // 1_000_000,
-           "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
-           "status_details": None}
+    obj = _object(file_id, len(content), created_us, filename, purpose)
     async with conn.pipeline(transaction=True) as pipe:
         pipe.hset(keys.api_file(file_id), mapping={"object": json.dumps(obj), "content": content})
         pipe.zadd(keys.api_files(), {file_id: -created_us})
         await pipe.execute()
     return obj
+
+
+class FileWriter:
+    """A file written a chunk at a time (bounded memory, whatever its size), visible to readers only once committed.
+
+    Its chunks go to a part of its own (``keys.api_file_part(file_id,
+    part)``, expiring after :data:`PART_TTL_S` until committed), so two
+    writers of one file never mix theirs; :meth:`commit` makes the first
+    complete part the file's content, atomically.
+    """
+
+    def __init__(self, conn: Any, file_id: str, filename: str, purpose: str, part: str) -> None:
+        self.conn, self.file_id, self.filename, self.purpose, self.part = conn, file_id, filename, purpose, part
+        self.key = keys.api_file_part(file_id, part)
+        self.size = 0
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._started = False
+
+    async def write(self, data: bytes) -> None:
+        """Add ``data`` at the end (written to Redis once :data:`CHUNK_BYTES` have gathered)."""
+        self._buffer.append(data)
+        self._buffered += len(data)
+        self.size += len(data)
+        if self._buffered >= CHUNK_BYTES:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._buffer:
+            return
+        chunk = b"".join(self._buffer)
+        self._buffer, self._buffered = [], 0
+        async with self.conn.pipeline(transaction=True) as pipe:
+            if not self._started:
+                pipe.delete(self.key)  # a part this writer's name left before (never, with a fresh name)
+                self._started = True
+            pipe.rpush(self.key, chunk)
+            pipe.expire(self.key, PART_TTL_S)
+            await pipe.execute()
+
+    async def commit(self) -> dict:
+        """Make what was written the file's content (unless a writer committed it first); its object."""
+        await self._flush()
+        created_us = now_us()
+        obj = _object(self.file_id, self.size, created_us, self.filename, self.purpose)
+        await self.conn.register_script(_COMMIT)(
+            keys=[keys.api_file(self.file_id), self.key, keys.api_files()],
+            args=[json.dumps(obj), self.part, self.file_id, -created_us])
+        return obj
+
+
+def _object(file_id: str, size: int, created_us: int, filename: str, purpose: str) -> dict:
+    return {"id": file_id, "object": "file", "bytes": size, "created_at": created_us // 1_000_000,
+            "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
+            "status_details": None}
 
 
 async def file_object(conn: Any, file_id: str) -> dict:
@@ -64,13 +139,47 @@ async def file_object(conn: Any, file_id: str) -> dict:
     return json.loads(raw)
 
 
-async def file_content(conn: Any, file_id: str) -> bytes:
-    """The bytes of file ``file_id``; 404 when there is none."""
+async def _content_or_part(conn: Any, file_id: str) -> tuple[bytes | None, str | None]:
+    """File ``file_id``'s ``content`` (an upload) or the name of its ``part`` (written in chunks); 404 for neither."""
     await file_object(conn, file_id)
-    content = await conn.hget(keys.api_file(file_id), "content")
-    if content is None:
+    content, part = await conn.hmget(keys.api_file(file_id), "content", "part")
+    if content is None and part is None:
         raise not_found(f"file {file_id!r} has no content (deleted meanwhile)", param="file_id")
-    return bytes(content)
+    return (bytes(content) if content is not None else None), (_text(part) if part is not None else None)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def file_content(conn: Any, file_id: str) -> bytes:
+    """The bytes of file ``file_id`` (all of them, in memory); 404 when there is none."""
+    content, part = await _content_or_part(conn, file_id)
+    if content is not None:
+        return content
+    return b"".join(await conn.lrange(keys.api_file_part(file_id, part), 0, -1))
+
+
+async def file_chunks(conn: Any, file_id: str) -> AsyncIterator[bytes]:
+    """The bytes of file ``file_id``, a chunk (at most about :data:`CHUNK_BYTES`) at a time; 404 when there is none.
+
+    The first chunk is read before this returns, so a missing file is a 404, not a broken stream.
+    """
+    content, part = await _content_or_part(conn, file_id)
+    if content is not None:
+        first, key = content, None
+    else:
+        key = keys.api_file_part(file_id, part)  # type: ignore[arg-type]
+        first = await conn.lindex(key, 0) or b""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield bytes(first)
+        index = 1
+        while key is not None and (chunk := await conn.lindex(key, index)) is not None:
+            yield bytes(chunk)
+            index += 1
+
+    return chunks()
 
 
 async def page(conn: Any, index_key: str, after: str | None, limit: int,
@@ -195,14 +304,20 @@ def router(settings: Settings) -> APIRouter:
     @routes.get("/v1/files/{file_id}/content", response_class=Response,
                 responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
     async def retrieve_content(request: Request, file_id: str) -> Response:
-        return Response(await file_content(conn_of(request), file_id), media_type="application/octet-stream")
+        conn = conn_of(request)
+        size = (await file_object(conn, file_id))["bytes"]
+        return StreamingResponse(await file_chunks(conn, file_id), media_type="application/octet-stream",
+                                 headers={"content-length": str(size)})
 
     @routes.delete("/v1/files/{file_id}")
     async def delete_file(request: Request, file_id: str) -> JSONResponse:
         conn = conn_of(request)
         await file_object(conn, file_id)
+        part = await conn.hget(keys.api_file(file_id), "part")
         async with conn.pipeline(transaction=True) as pipe:
             pipe.delete(keys.api_file(file_id))
+            if part is not None:
+                pipe.delete(keys.api_file_part(file_id, _text(part)))
             pipe.zrem(keys.api_files(), file_id)
             await pipe.execute()
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
