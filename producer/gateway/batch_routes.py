@@ -16,6 +16,8 @@ keeper cancels its jobs and ends it ``cancelled`` with what finished.
 """
 from __future__ import annotations
 
+import asyncio
+
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -82,6 +84,15 @@ def _build_errors(lines: list[BatchLine], build: Callable[..., Any], batch_id: s
     return capped(errors)
 
 
+def _checked_lines(content: bytes, endpoint: str, models: set[str], build: Callable[..., Any],
+                   batch_id: str) -> tuple[list[BatchLine], list[LineError]]:
+    """The input file's lines and what is wrong with them (the parse's errors, else the client's)."""
+    lines, errors = parse_lines(content, endpoint, models, rendering=True)
+    if not errors:
+        errors = _build_errors(lines, build, batch_id)
+    return lines, errors
+
+
 async def _vocabulary_errors(completions: Any, lines: list[BatchLine]) -> list[LineError]:
     """The lines their models' vocabularies refuse (:func:`~producer.gateway.batch_lines.vocabulary_error`),
     each model's read once."""
@@ -120,14 +131,14 @@ def router(settings: Settings, read_json: Callable[[Request, int], Awaitable[Any
         if reason is not None:
             raise APIError(503, reason, code="no_live_group")
         batch_id = "batch_" + uuid.uuid4().hex
-        lines, errors = parse_lines(content, endpoint, set(deployment.models), rendering=True)
-        if not errors:
-            errors = _build_errors(lines, completions.client.build_request, batch_id)
+        # 50,000 lines take seconds to parse and check: on a thread, so the other requests keep being served
+        lines, errors = await asyncio.to_thread(_checked_lines, content, endpoint, set(deployment.models),
+                                                completions.client.build_request, batch_id)
         if not errors:
             errors = await _vocabulary_errors(completions, lines)
+        stored = [] if errors else await asyncio.to_thread(lambda: [line.as_json() for line in lines])
         spec = store.new_spec(batch_id, endpoint, input_file_id, metadata, now_s())
-        state = await store.create(conn, spec, lines=[] if errors else [line.as_json() for line in lines],
-                                   errors=[e.as_dict() for e in errors] or None)
+        state = await store.create(conn, spec, lines=stored, errors=[e.as_dict() for e in errors] or None)
         request.app.state.batch_keeper.wake()
         return JSONResponse(state.as_object())
 
