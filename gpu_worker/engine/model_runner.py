@@ -5,12 +5,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from gpu_worker.engine.calibration import AttentionChoice, AttentionShape, attention_choice
 from gpu_worker.models.config import ModelConfig
 from gpu_worker.layers.distributed import get_parallel_context, rank_device
 from gpu_worker.engine.plan import StepPlan
-from gpu_worker.layers.attention import AttentionMetadata, PrefillSpan
+from gpu_worker.layers.attention import AttentionMetadata, DecodeScratch, PrefillSpan
 from gpu_worker.models.loader import load_weights
 from gpu_worker.models.llama import LlamaForCausalLM
 
@@ -29,10 +31,15 @@ class RunnerSpec:
     block_size: int
     num_blocks: int
     collective_timeout_s: float = 60.0  # ranks 1..: how long a collective may wait for rank 0
+    max_num_seqs: int = 64               # sizes the step buffers (a larger step grows them once)
+    max_num_batched_tokens: int = 1024
+    calibrate: bool = True               # time attention kernels at start (bf16/fp16 on CPU); see calibration.py
 
 
 @dataclass
 class StepInputs:
+    """One step's model inputs; on the CPU, views of the runner's `StepBuffers` (valid until the next step)."""
+
     input_ids: torch.Tensor        # [tokens]
     positions: torch.Tensor        # [tokens]
     logits_rows: torch.Tensor      # [rows] the last logit_counts[i] tokens of each sequence i
@@ -70,6 +77,20 @@ class ModelRunner:
         ctx = get_parallel_context()
         log.info("rank %d/%d: model loaded, %d KV blocks (%.0f MiB)", ctx.rank, ctx.world_size,
                  spec.num_blocks, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+        self.max_blocks_per_seq = min(spec.num_blocks, -(-self.config.max_position_embeddings // spec.block_size))
+        max_context = self.max_blocks_per_seq * spec.block_size
+        seqs, tokens = spec.max_num_seqs, max(spec.max_num_batched_tokens, spec.max_num_seqs)
+        self.buffers = StepBuffers(self.device, ints=tokens + 3 * seqs + seqs * self.max_blocks_per_seq + 3 * tokens,
+                                   flags=seqs * max_context, counting=max(tokens, max_context))
+        self.decode_scratch = DecodeScratch(self.device)
+        self.use_attention_choice(attention_choice(
+            AttentionShape(attn.num_heads, attn.num_kv_heads, attn.head_dim), self.dtype, self.device,
+            enabled=spec.calibrate, rank=ctx.rank))
+
+    def use_attention_choice(self, choice: AttentionChoice | None) -> None:
+        """Run decode attention as ``choice`` says from the next step on (None: in the model dtype)."""
+        self.attention_choice = choice
+        self._upcast = [n > 0 and choice is not None and choice.upcast(n) for n in range(self.spec.max_num_seqs + 1)]
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
@@ -84,50 +105,150 @@ class ModelRunner:
         return None if logits is None else logits.float()
 
     def prepare_inputs(self, plan: StepPlan) -> StepInputs:
-        _, num_seqs, num_tokens, max_blocks = plan.header.tolist()
-        payload = plan.payload.to(self.device)
-        input_ids = payload[:num_tokens]
-        query_lens = payload[num_tokens:num_tokens + num_seqs]
-        context_lens = payload[num_tokens + num_seqs:num_tokens + 2 * num_seqs]
-        logit_counts = plan.payload[num_tokens + 2 * num_seqs:num_tokens + 3 * num_seqs].tolist()  # on the CPU
-        block_tables = payload[num_tokens + 3 * num_seqs:].view(num_seqs, max_blocks)
-        bs = self.spec.block_size
+        """Build one step's inputs into the preallocated buffers; every length is read from the host-side plan."""
+        _, s, t, max_blocks = plan.header.tolist()                     # seqs, tokens, blocks per table row
+        host = plan.payload.numpy()                                    # [payload] int64, on the CPU on every rank
+        bs, decode_only = self.spec.block_size, t == s
+        q_lens, ctx_lens = host[t:t + s], host[t + s:t + 2 * s]        # each [seqs]
+        logit_counts = host[t + 2 * s:t + 3 * s]                       # [seqs]
+        tables = host[t + 3 * s:].reshape(s, max_blocks)               # [seqs, max_blocks]
+        num_decodes = s if decode_only else int(np.argmax(q_lens != 1))
+        one_logit_each = decode_only or bool((logit_counts == 1).all())
+        num_rows = s if one_logit_each else int(logit_counts.sum())
+        decode_len = -(-int(ctx_lens[:num_decodes].max(initial=1)) // bs) * bs
+        first_token = None if decode_only else np.cumsum(q_lens) - q_lens  # [seqs]
+        spans = [] if decode_only else [(i, int(first_token[i]), int(q_lens[i]), int(ctx_lens[i]))
+                                        for i in range(num_decodes, s)]  # (seq, first token, tokens, context)
+        size, pos_at, slot_at, rows_at = host.size, host.size, host.size + t, host.size + 2 * t
+        num_flags = num_decodes * decode_len + sum(n * c for _, _, n, c in spans if c != n)
+        buf = self.buffers
+        buf.reserve(ints=rows_at + num_rows, flags=num_flags, counting=max(t, decode_len, *(c for *_, c in spans)))
+        ints, flags, counting = buf.ints_np, buf.flags_np, buf.counting
 
-        if num_tokens == num_seqs:  # decode-only step: one token per sequence
-            seq_of_token, positions = torch.arange(num_seqs, device=self.device), context_lens - 1
+        ints[:size] = host
+        positions = ints[pos_at:pos_at + t]                             # [tokens]
+        if decode_only:
+            np.subtract(ctx_lens, 1, out=positions)
+            seq_of_token = counting[:s]                                 # [tokens]
         else:
-            seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=self.device), query_lens)
-            first_token = torch.cumsum(query_lens, 0) - query_lens
-            offsets = torch.arange(num_tokens, device=self.device) - first_token[seq_of_token]
-            positions = (context_lens - query_lens)[seq_of_token] + offsets
-        slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
-        q_lens, ctx_lens = query_lens.tolist(), context_lens.tolist()
-        logits_rows = self._logits_rows(q_lens, logit_counts, query_lens)
-        num_decodes = next((i for i, q in enumerate(q_lens) if q != 1), num_seqs)
-        decode_blocks = -(-max(ctx_lens[:num_decodes], default=1) // bs)
-        decode_tables = block_tables[:num_decodes, :decode_blocks]
-        key_index = torch.arange(decode_blocks * bs, device=self.device)
-        decode_mask = (key_index < context_lens[:num_decodes, None]).view(num_decodes, 1, 1, len(key_index))
-        prefills = [self._prefill_span(i, q_lens, ctx_lens, block_tables) for i in range(num_decodes, num_seqs)]
-        meta = AttentionMetadata(slot_mapping, num_decodes, decode_tables, decode_mask, prefills)
-        return StepInputs(input_ids, positions, logits_rows, meta)
+            seq_of_token = np.repeat(counting[:s], q_lens)              # [tokens]
+            np.add(np.repeat(ctx_lens - q_lens - first_token, q_lens), counting[:t], out=positions)
+        block_index, offset = np.divmod(positions, bs)                  # each [tokens]
+        np.add(tables[seq_of_token, block_index] * bs, offset, out=ints[slot_at:slot_at + t])
+        if decode_only:  # row i is token i
+            ints[rows_at:rows_at + s] = counting[:s]
+        else:
+            self._logits_rows(q_lens, logit_counts, one_logit_each, ints[rows_at:rows_at + num_rows])
+        decode_mask = flags[:num_decodes * decode_len].reshape(num_decodes, decode_len)
+        np.less(counting[:decode_len], ctx_lens[:num_decodes, None], out=decode_mask)  # [decodes, decode_len]
+        if spans:
+            self._prefill_masks(spans, flags, counting, num_decodes * decode_len)
 
-    def _logits_rows(self, q_lens: list[int], logit_counts: list[int], query_lens: torch.Tensor) -> torch.Tensor:
-        """The token rows whose logits this step returns: each sequence's last ``logit_counts[i]`` tokens."""
-        if all(c == 1 for c in logit_counts):
-            return torch.cumsum(query_lens, 0) - 1
-        rows, end = [], 0
-        for q, c in zip(q_lens, logit_counts):
-            end += q
-            rows.extend(range(end - c, end))
-        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+        buf.upload(rows_at + num_rows, num_flags)
+        tables_t = buf.ints(t + 3 * s, size, (s, max_blocks))          # [seqs, max_blocks]
+        prefills = self._prefill_spans(spans, tables_t, num_decodes * decode_len) if spans else []
+        upcast = self._upcast[min(num_decodes, len(self._upcast) - 1)]
+        meta = AttentionMetadata(
+            buf.ints(slot_at, slot_at + t), num_decodes,
+            tables_t if decode_only else tables_t[:num_decodes, :decode_len // bs],
+            buf.flags(0, num_decodes * decode_len, (num_decodes, 1, 1, decode_len)), prefills, upcast,
+            self.decode_scratch)
+        return StepInputs(buf.ints(0, t), buf.ints(pos_at, pos_at + t), buf.ints(rows_at, rows_at + num_rows), meta)
 
-    def _prefill_span(self, i: int, q_lens: list[int], ctx_lens: list[int], block_tables) -> PrefillSpan:
-        n, ctx = q_lens[i], ctx_lens[i]
-        token_start = sum(q_lens[:i])
-        if ctx == n:  # nothing cached before this chunk: attend to this step's own keys
-            return PrefillSpan(token_start, n, ctx, None, None)
-        blocks = -(-ctx // self.spec.block_size)
-        query_pos = torch.arange(ctx - n, ctx, device=self.device)
-        mask = torch.arange(ctx, device=self.device)[None, :] <= query_pos[:, None]  # [n, ctx]
-        return PrefillSpan(token_start, n, ctx, block_tables[i, :blocks], mask)
+    @staticmethod
+    def _prefill_masks(spans: list[tuple[int, int, int, int]], flags: np.ndarray, counting: np.ndarray,
+                       at: int) -> None:
+        """Write the mask of each prefill on top of a cached prefix into ``flags``, one after another from ``at``."""
+        for _, _, n, c in spans:
+            if c != n:  # query j (position c - n + j) sees keys 0..c - n + j
+                mask = flags[at:at + n * c].reshape(n, c)                 # [n, c]
+                np.less_equal(counting[:c], (counting[:n] + (c - n))[:, None], out=mask)
+                at += n * c
+
+    def _prefill_spans(self, spans: list[tuple[int, int, int, int]], tables: torch.Tensor,
+                       at: int) -> list[PrefillSpan]:
+        """The step's prefills, their masks read from the bool buffer where `_prefill_masks` wrote them."""
+        prefills, bs = [], self.spec.block_size
+        for i, start, n, c in spans:
+            if c == n:  # nothing cached before this chunk: attend to this step's own keys
+                prefills.append(PrefillSpan(start, n, c, None, None))
+                continue
+            mask = self.buffers.flags(at, at + n * c, (n, c))              # [n, c] bool
+            prefills.append(PrefillSpan(start, n, c, tables[i, :-(-c // bs)], mask))
+            at += n * c
+        return prefills
+
+    @staticmethod
+    def _logits_rows(q_lens: np.ndarray, logit_counts: np.ndarray, one_each: bool, out: np.ndarray) -> None:
+        """Write the token rows whose logits this step returns: each sequence's last ``logit_counts[i]`` tokens."""
+        ends = np.cumsum(q_lens)                                        # [seqs]
+        if one_each:
+            np.subtract(ends, 1, out=out)
+            return
+        starts = np.repeat(ends - logit_counts, logit_counts)           # [rows] each row's sequence's first row
+        within = np.arange(out.size) - np.repeat(np.cumsum(logit_counts) - logit_counts, logit_counts)
+        np.add(starts, within, out=out)
+
+
+class StepBuffers:
+    """Buffers a step's index tensors are built into: allocated once, grown only for a step larger than planned.
+
+    ``ints`` (int64) holds, per step, ``[plan payload | positions | slot mapping |
+    logits rows]`` and ``flags`` (bool) the attention masks. The host side is
+    written with numpy; on the CPU it is the step's tensors itself, on CUDA it is
+    pinned and each step copies the used prefix to the device side in one copy
+    per buffer (the next step waits for that copy before rewriting the host side).
+    """
+
+    def __init__(self, device: torch.device, ints: int, flags: int, counting: int):
+        self.device = device
+        self._copied: torch.cuda.Event | None = None
+        self._ints = self._flags = None
+        self._grow(ints, flags, counting)
+
+    def reserve(self, ints: int, flags: int, counting: int) -> None:
+        """Make room for one step's ``ints`` and ``flags`` and counting numbers up to ``counting``."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        if ints > self.ints_np.size or flags > self.flags_np.size or counting > self.counting.size:
+            log.info("step buffers grow to %d ints, %d flags (a step larger than max_num_seqs / "
+                     "max_num_batched_tokens planned for)", ints, flags)
+            self._grow(max(ints, 2 * self.ints_np.size), max(flags, 2 * self.flags_np.size),
+                       max(counting, 2 * self.counting.size))
+
+    def upload(self, ints: int, flags: int) -> None:
+        """Copy this step's first ``ints`` / ``flags`` entries to the device (nothing to do on the CPU)."""
+        if self.device.type != "cuda":
+            return
+        self._ints[1][:ints].copy_(self._ints[0][:ints], non_blocking=True)
+        self._flags[1][:flags].copy_(self._flags[0][:flags], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def ints(self, start: int, stop: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Entries ``[start, stop)`` of the int64 buffer as the device sees them, viewed as ``shape``."""
+        return self._view(self._ints[1], self.ints_np, start, stop, shape)
+
+    def flags(self, start: int, stop: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Entries ``[start, stop)`` of the bool buffer as the device sees them, viewed as ``shape``."""
+        return self._view(self._flags[1], self.flags_np, start, stop, shape)
+
+    def _view(self, device_side: torch.Tensor, host_side: np.ndarray, start: int, stop: int,
+              shape: tuple[int, ...] | None) -> torch.Tensor:
+        if self.device.type == "cuda":
+            part = device_side[start:stop]
+            return part if shape is None else part.view(shape)
+        part = host_side[start:stop]  # from_numpy on the CPU: a third of the cost of slicing a tensor
+        return torch.from_numpy(part if shape is None else part.reshape(shape))
+
+    def _grow(self, ints: int, flags: int, counting: int) -> None:
+        self._ints, self._flags = self._pair(ints, torch.int64), self._pair(flags, torch.bool)
+        self.ints_np, self.flags_np = self._ints[0].numpy(), self._flags[0].numpy()
+        self.counting = np.arange(counting, dtype=np.int64)            # [counting] 0, 1, 2, ...
+
+    def _pair(self, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(host, device) buffers of ``size``; one tensor twice on the CPU."""
+        if self.device.type != "cuda":
+            host = torch.zeros(size, dtype=dtype)
+            return host, host
+        return torch.zeros(size, dtype=dtype, pin_memory=True), torch.zeros(size, dtype=dtype, device=self.device)

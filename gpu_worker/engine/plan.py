@@ -31,6 +31,8 @@ class Command(IntEnum):
 
 @dataclass
 class StepPlan:
+    """One step as rank 0 packed it; on every rank both tensors are on the CPU (lengths are read from them)."""
+
     header: torch.Tensor   # [HEADER_SIZE] int64
     payload: torch.Tensor  # [...] int64
 
@@ -91,7 +93,9 @@ def payload_size(header: torch.Tensor) -> int:
 class PlanChannel:
     """Broadcasts plans from rank 0 to the other ranks (two small collectives per step).
 
-    On CUDA the plan travels as device tensors (NCCL moves no CPU tensors).
+    On CUDA the plan travels as device tensors (NCCL moves no CPU tensors) and
+    `recv` copies it back to the host once, so every rank builds its step
+    inputs from the same CPU tensor rank 0 packed.
     """
 
     def __init__(self, device: torch.device):
@@ -108,4 +112,4 @@ class PlanChannel:
         payload = torch.empty(payload_size(header), dtype=torch.int64, device=self.device)
         if payload.numel():
             dist.broadcast(payload, src=0)
-        return StepPlan(header, payload)
+        return StepPlan(header.cpu(), payload.cpu())

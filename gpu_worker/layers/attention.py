@@ -3,11 +3,15 @@
 Each step first writes the new tokens' keys and values into their cache
 slots. Decoding sequences (one query each) are then attended together: their
 blocks are gathered into a padded [seqs, context, heads, dim] view and
-masked by length. Prefilling sequences are attended one by one, straight from
-this step's keys when they have no cached prefix, else from the cache.
+masked by length, in the model dtype or upcast to float32, whichever the
+engine's start-up calibration found faster on this CPU for a batch that size
+(`gpu_worker.engine.calibration`), in memory reused across layers and steps
+(`DecodeScratch`). Prefilling sequences are attended one by one, straight
+from this step's keys when they have no cached prefix, else from the cache.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,16 +39,68 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor      # [num_decodes, max_blocks]
     decode_mask: torch.Tensor              # [num_decodes, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillSpan]
+    decode_upcast: bool = False            # decode attention in float32 (the calibrated choice for this batch)
+    decode_scratch: DecodeScratch | None = None  # reused memory for the gathered keys and values; None: fresh
 
 
-def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+class DecodeScratch:
+    """Memory reused, step after step and layer after layer, for decode attention's gathered keys and values.
+
+    A fresh tensor that large comes from ``mmap`` on every call and page-faults
+    in: at batch 32, context 256, that cost more than the float32 kernel saves
+    over bf16's. Layers run one after another, so one scratch serves them all.
+    Grown (doubled) when a step needs more, never shrunk.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._flat: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self, slot: int, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous ``shape`` view of the ``dtype`` buffer; slots 0 and 1 (keys, values) never overlap."""
+        numel = math.prod(shape)
+        flat = self._flat.get(dtype)
+        if flat is None or flat.numel() < 2 * numel:
+            size = max(2 * numel, 2 * flat.numel()) if flat is not None else 2 * numel
+            flat = self._flat[dtype] = torch.empty(size, dtype=dtype, device=self.device)
+        return flat[slot * numel:(slot + 1) * numel].view(shape)
+
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, scratch: DecodeScratch | None = None,
+                  slot: int = 0) -> torch.Tensor:
     """The cache rows of ``block_tables`` ([..., blocks]) as [..., blocks * block_size, kv_heads, dim].
 
-    ``index_select`` on the flattened table: about 4x faster on CPU than advanced indexing.
+    ``index_select`` on the flattened table: about 4x faster on CPU than advanced
+    indexing. With ``scratch``, written into its ``slot`` instead of a fresh tensor.
     """
     # cache: [num_blocks, block_size, kv_heads, dim]
-    rows = cache.index_select(0, block_tables.reshape(-1))
+    index = block_tables.reshape(-1)                                     # [tables * blocks]
+    if scratch is None:
+        rows = cache.index_select(0, index)                              # [tables * blocks, block_size, kv, dim]
+    else:
+        rows = torch.index_select(cache, 0, index, out=scratch.take(slot, (index.numel(), *cache.shape[1:]),
+                                                                    cache.dtype))
     return rows.view(*block_tables.shape[:-1], -1, *cache.shape[2:])
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     upcast: bool, scratch: DecodeScratch | None = None) -> torch.Tensor:
+    """Attention of one query per sequence over its gathered keys, in float32 when ``upcast``; in q's dtype out.
+
+    With ``scratch``, the float32 copies of keys and values go into its memory.
+    """
+    # q: [d, heads, 1, dim]; keys, values: [d, ctx, kv_heads, dim] as gathered; mask: [d, 1, 1, ctx] bool
+    out_dtype = q.dtype
+    if upcast and out_dtype != torch.float32:
+        q = q.float()
+        if scratch is None:
+            keys, values = keys.float(), values.float()
+        else:
+            keys = scratch.take(0, keys.shape, torch.float32).copy_(keys)   # [d, ctx, kv_heads, dim]
+            values = scratch.take(1, values.shape, torch.float32).copy_(values)
+    attended = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
+                                              enable_gqa=True)                   # [d, heads, 1, dim]
+    return attended.to(out_dtype)
 
 
 class PagedAttention(nn.Module):
@@ -63,10 +119,11 @@ class PagedAttention(nn.Module):
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         if d := meta.num_decodes:
-            keys = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)   # [d, kv_heads, ctx, dim]
-            values = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
-            attended = F.scaled_dot_product_attention(
-                q[:d].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True)  # [d, heads, 1, dim]
+            scratch = meta.decode_scratch
+            keys = gather_blocks(k_cache, meta.decode_block_tables, scratch, 0)      # [d, ctx, kv_heads, dim]
+            values = gather_blocks(v_cache, meta.decode_block_tables, scratch, 1)
+            attended = decode_attention(q[:d].unsqueeze(2), keys, values, meta.decode_mask,
+                                        meta.decode_upcast, scratch)                    # [d, heads, 1, dim]
             out[:d] = attended.squeeze(2)
         for span in meta.prefills:
             rows = slice(span.token_start, span.token_start + span.num_tokens)
