@@ -12,7 +12,7 @@ import difflib
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import platformdirs
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     )
     cache_dir: Path | None = Field(
         None, description="Where models are downloaded and converted. None: the user cache dir."
+    )
+    calibrate: Literal["1", "0", "refresh"] = Field(
+        "1", description="Kernel calibration at engine start (bf16/fp16 on CPU): '1' measures once per CPU and "
+        "caches it in cache_dir, '0' skips it (the model dtype's kernels), 'refresh' measures again.",
     )
     data_dir: Path = Field(
         default_factory=_default_data_dir, description="Where the embedded redis-server keeps its data (AOF)."

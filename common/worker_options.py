@@ -13,7 +13,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "q4")
 
 
 def _positive_float(text: str) -> float:
@@ -36,7 +36,8 @@ ENGINE_OPTIONS: list[tuple[str, dict[str, Any], Any]] = [
     ("--dtype", {"choices": DTYPES, "help": "weights' and activations' dtype (default float32)"}, "float32"),
     ("--device", {"choices": DEVICES, "help": "default: cuda when available"}, None),
     ("--quantization", {"choices": QUANTIZATIONS,
-                        "help": "weight format: int8 = per-channel int8 weights (default: the dtype's)"}, None),
+                        "help": "weight format: int8 = per-channel int8 weights, q4 = the GGUF file's "
+                        "4-bit blocks (default: the dtype's)"}, None),
     ("--max-num-seqs", {"type": _positive_int, "help": "sequences decoded together at most (default 64)"}, 64),
     ("--kv-cache-gb", {"type": _positive_float, "help": "KV-cache memory per rank (default 1.0)"}, 1.0),
     ("--no-prefix-caching", {"action": "store_true", "help": "turn the prefix cache off"}, False),

@@ -1,6 +1,7 @@
 """Fixtures shared by every test: a real redis-server, a fake one, tiny checkpoints, the whole stack."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import fakeredis
@@ -11,6 +12,10 @@ from common.settings import get_settings
 from producer.local_stack.embedded_redis import RedisServer
 from producer.local_stack.stack import LocalStack, StackOptions
 from tests.doubles import ProtocolWorker
+
+# No kernel calibration in tests (engines use the model dtype's kernels, and nothing is written to the user's
+# cache); tests/unit/test_calibration.py turns it on where it is the subject. Child processes inherit it.
+os.environ.setdefault("TPQ_CALIBRATE", "0")
 
 
 @pytest.fixture(scope="session")

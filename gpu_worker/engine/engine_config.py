@@ -16,6 +16,10 @@ class EngineConfig(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="registered model name, model directory, or .gguf file")
     tp: int = Field(1, ge=1, le=64, description="tensor-parallel ranks")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["int8", "q4"] | None = Field(
+        None, description="weight format of the linear layers and the LM head: None (the dtype's), 'int8' "
+        "(per-output-channel int8 weights) or 'q4' (a GGUF file's own Q4_0/Q4_1 blocks, LM head int8); "
+        "activations in the dtype")
     device: Literal["cpu", "cuda"] | None = Field(None, description="default: cuda when available")
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
     max_num_seqs: int = Field(64, ge=1, description="running sequences at most")

@@ -128,12 +128,15 @@ class LLMEngine:
                                    self.block_manager)
         self.sampler = Sampler()
         spec = RunnerSpec(str(self.model_dir), config.dtype, device, config.block_size, num_blocks,
-                          config.collective_timeout_s)
+                          config.collective_timeout_s, max_num_seqs=config.max_num_seqs,
+                          max_num_batched_tokens=config.max_num_batched_tokens, quantization=config.quantization)
         self.executor = Executor(spec, config.tp, config.start_timeout_s, heartbeat)
         self._requests: dict[str, _Request] = {}
         self.stats = EngineStats()
-        log.info("engine ready: %s, tp=%d, %s on %s, %d KV blocks of %d, context %d",
-                 self.model_dir.name, config.tp, config.dtype, device, num_blocks, config.block_size,
+        log.info("engine ready: %s, tp=%d, %s%s on %s, %d KV blocks of %d, context %d",
+                 self.model_dir.name, config.tp, config.dtype,
+                 f" with {config.quantization} weights" if config.quantization else "", device, num_blocks,
+                 config.block_size,
                  self.max_model_len)
 
     # -- requests ------------------------------------------------------------

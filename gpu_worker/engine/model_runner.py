@@ -13,7 +13,7 @@ from gpu_worker.models.config import ModelConfig
 from gpu_worker.layers.distributed import get_parallel_context, rank_device
 from gpu_worker.engine.plan import StepPlan
 from gpu_worker.layers.attention import AttentionMetadata, DecodeScratch, PrefillSpan
-from gpu_worker.models.loader import load_weights
+from gpu_worker.models.loader import load_quantized_blocks, load_weights
 from gpu_worker.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("tpqueue.model_runner")
@@ -34,6 +34,7 @@ class RunnerSpec:
     max_num_seqs: int = 64               # sizes the step buffers (a larger step grows them once)
     max_num_batched_tokens: int = 1024
     calibrate: bool = True               # time attention kernels at start (bf16/fp16 on CPU); see calibration.py
+    quantization: str | None = None      # weight format of the linear layers: None, "int8" or "q4"
 
 
 @dataclass
@@ -69,7 +70,9 @@ class ModelRunner:
             finally:
                 torch.set_default_dtype(previous_dtype)
         load_weights(self.model, Path(spec.model_dir))
-        self.model.prepare_for_inference()
+        if spec.quantization == "q4":
+            load_quantized_blocks(self.model, Path(spec.model_dir))
+        self.model.prepare_for_inference(spec.quantization)
         attn = self.model.model.layers[0].self_attn
         # kv_cache: [layers, 2, blocks, block_size, kv_heads_local, head_dim]
         self.kv_cache = torch.zeros(self.config.num_layers, 2, spec.num_blocks, spec.block_size,

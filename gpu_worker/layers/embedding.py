@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.layers.distributed import all_reduce, gather_to_driver, get_parallel_context
-from gpu_worker.layers import gemm
+from gpu_worker.layers import gemm, quant
 from gpu_worker.layers.linear import padded_shard_size
 from gpu_worker.layers.sharding import copy_shard
 
@@ -42,13 +42,27 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__(vocab_size, hidden_size)
-        self.kernel: gemm.LinearKernel | None = None
+        self.kernel: gemm.LinearKernel | quant.Int8LinearKernel | None = None
+        self.tied = False
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
+        self.tied = True
 
-    def prepare_for_inference(self) -> None:
-        self.kernel = gemm.LinearKernel(self.weight.data)  # keeps the weight: a tied embedding reads it
+    def prepare_for_inference(self, quantization: str | None = None) -> None:
+        """Pick the logits' matmul path; quantized formats give the LM head an int8 copy (see below).
+
+        ``"q4"`` runs the LM head as per-row int8 too: a GGUF file's tied
+        embedding is Q8_0 (a scale per 32 values), which aten's int8 kernel
+        cannot take, so its dequantized values are quantized again per row.
+        A tied embedding keeps the weight for its lookups.
+        """
+        if quantization is None:
+            self.kernel = gemm.LinearKernel(self.weight.data)
+            return
+        self.kernel = quant.make_quantized_kernel(self.weight.data, "int8")
+        if not self.tied:
+            self.weight = None  # only the int8 copy is read
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         # hidden: [seqs, hidden] -> logits [seqs, vocab] on rank 0, None elsewhere

@@ -122,7 +122,8 @@ class LlamaForCausalLM(nn.Module):
                 return name.replace(f".{fragment}.", f".{fused}."), shard_id
         return name, None
 
-    def prepare_for_inference(self) -> None:
+    def prepare_for_inference(self, quantization: str | None = None) -> None:
+        """Give every linear layer and the LM head its kernel; ``quantization`` (``"int8"``) quantizes them."""
         for module in self.modules():
             if module is not self and hasattr(module, "prepare_for_inference"):
-                module.prepare_for_inference()
+                module.prepare_for_inference(quantization)
