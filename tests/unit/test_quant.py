@@ -9,13 +9,30 @@ from gpu_worker.layers import quant
 from gpu_worker.layers.quant import Int8LinearKernel, make_quantized_kernel, quantize_int8
 
 
-def test_quantize_int8_is_within_half_a_step_of_every_weight():
+def test_quantize_int8_is_within_half_a_step_of_every_weight_it_does_not_clip():
     weight = torch.randn(48, 96) * torch.linspace(0.01, 3.0, 48)[:, None]  # rows of very different ranges
     q, scales = quantize_int8(weight)
     assert q.dtype == torch.int8 and scales.shape == (48,)
     assert int(q.abs().max()) == 127  # every row's largest weight maps to the end of the range
+    inside = weight.abs() <= 127 * scales[:, None]
     error = (q.float() * scales[:, None] - weight).abs()
-    assert bool((error <= scales[:, None] / 2 + 1e-7).all())
+    assert bool((error[inside] <= (scales[:, None] / 2 + 1e-7).expand_as(error)[inside]).all())
+
+
+def test_each_rows_scale_has_no_more_squared_error_than_the_absmax_scale():
+    weight = torch.randn(64, 512)
+    # every fourth row: values on a grid of step 0.01 (as a 4-bit checkpoint's are on theirs) and one just past
+    # 127 steps: the absmax scale misses the grid, clipping to 0.98 x max lands on it
+    grid_rows = torch.randint(-127, 128, (16, 512)) * 0.01
+    grid_rows[:, 0] = 1.27 / 0.98
+    weight[::4] = grid_rows
+    q, scales = quantize_int8(weight)
+    absmax = weight.abs().amax(1) / 127
+    plain = (torch.round(weight / absmax[:, None]).clamp(-127, 127) * absmax[:, None] - weight).square().sum(1)
+    chosen = (q.float() * scales[:, None] - weight).square().sum(1)
+    assert bool((chosen <= plain * (1 + 1e-6)).all())
+    torch.testing.assert_close(scales[::4], torch.full((16,), 0.01))  # the grid's own step
+    assert float(chosen[::4].sum()) < 0.5 * float(plain[::4].sum())
 
 
 def test_an_all_zero_row_quantizes_to_zeros():
