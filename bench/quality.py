@@ -11,7 +11,8 @@ given the tokens before it in its window. Perplexity is ``exp`` of the mean
 negative log-probability over the scored tokens, the same tokens for every
 format. transformers' fp32 forward on the same windows is the reference
 (its log-softmax of the same logits), so the ``float32`` row also checks
-the engine against it.
+the engine against it; llama.cpp on the GGUF file the model store keeps
+(when ``llama-cpp-python`` is installed) is ``q4``'s.
 
 A format is one of ``bench/engine.py``'s: a dtype (``float32``,
 ``bfloat16``) or a weight quantization (``int8``: int8 weights, bf16
@@ -90,8 +91,35 @@ def transformers_logprobs(size: int) -> list[float]:
     return scored
 
 
+def llama_cpp_logprobs(size: int) -> list[float]:
+    """llama.cpp's log-probability of the same tokens, on the GGUF file the model store keeps (q4's reference)."""
+    import os
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    from gpu_worker.weights.model_store import gguf_file, resolve_model
+
+    llm = Llama(model_path=str(gguf_file(resolve_model(MODEL))), n_ctx=size, n_batch=size, logits_all=True,
+                n_threads=os.cpu_count(), verbose=False)
+    scored = []
+    for window in text_windows(size):
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[:len(window) - 1], dtype=np.float64)        # [tokens - 1, vocab]
+        logits -= logits.max(axis=1, keepdims=True)
+        logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        scored.extend(logprobs[np.arange(len(window) - 1), window[1:]].tolist())
+    return scored
+
+
 def child(side: str, size: int) -> None:
-    scored = transformers_logprobs(size) if side == "transformers" else engine_logprobs(FORMATS[side], size)
+    if side == "transformers":
+        scored = transformers_logprobs(size)
+    elif side == "llama.cpp":
+        scored = llama_cpp_logprobs(size)
+    else:
+        scored = engine_logprobs(FORMATS[side], size)
     print(json.dumps({"side": side, "tokens": len(scored), "ppl": perplexity(scored),
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -127,6 +155,8 @@ def main() -> int:
     from bench.gateway import cpu
 
     sides = ([] if args.no_transformers else ["transformers"]) + args.formats
+    if engine_bench.llama_cpp_installed():
+        sides.append("llama.cpp")
     rows = [measure(side, args.window) for side in sides]
     print(report(rows, cpu()))
     if args.json:

@@ -8,42 +8,13 @@ logprobs its earlier attempt logged.
 """
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-
-import pytest
-
-from common.pickle_guard import enable_pickle_for_tests
 from common.results import TokenEvent
 from common.sampling import SamplingParams
-from common.settings import get_settings
-from gpu_worker.serve.group import EXIT_OK, GroupOptions, serve
 from producer import Client
 from tests.doubles import ProtocolWorker
 from tests.parity import assert_logprobs_match_transformers
 
 ASKING = {"temperature": 0, "max_tokens": 6, "ignore_eos": True, "logprobs": 3, "prompt_logprobs": 2}
-
-
-@pytest.fixture
-def start_group(redis_url: str, tiny_llama_dir, fast_env) -> Iterator[Callable[[], None]]:
-    """``start_group()``: a worker group on a thread, serving the test Redis; stopped (exit code 0) after."""
-    stop, codes, threads = threading.Event(), [], []
-    options = GroupOptions(group="logprobs", engine={"model": str(tiny_llama_dir), "block_size": 4})
-
-    def start() -> None:
-        settings = get_settings(redis_url=redis_url)
-        thread = threading.Thread(target=lambda: codes.append(serve(settings, redis_url, options, stop)),
-                                  name="test-group", daemon=True)
-        thread.start()
-        threads.append(thread)
-
-    yield start
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=60)
-    enable_pickle_for_tests()  # serve() turned unpickling off for the whole process
-    assert codes == [EXIT_OK] * len(threads)
 
 
 def test_a_job_with_logprobs_carries_them_in_its_stream_and_result(start_group, client: Client, tiny_llama_dir):

@@ -10,46 +10,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 
-from common.pickle_guard import enable_pickle_for_tests
 from common.results import FinishReason, StreamEnd, TokenEvent
-from common.settings import get_settings
 from common.token_log import read_log
 from gpu_worker.engine.llm_engine import SampledToken
 from gpu_worker.engine.text_stage import TextStage
 from gpu_worker.serve.engine_loop import StepReport
-from gpu_worker.serve.group import EXIT_OK, GroupOptions, serve
 from gpu_worker.serve.publisher import Publisher
 from producer import Client
 from tests.text_checks import spanning_stop
 
 PROMPT = "Once upon a time"
 GREEDY = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
-
-
-@pytest.fixture
-def start_group(redis_url: str, tiny_llama_dir, fast_env) -> Iterator[Callable[[], None]]:
-    """``start_group()``: a worker group on a thread, serving the test Redis; stopped (exit code 0) after."""
-    stop, codes, threads = threading.Event(), [], []
-    options = GroupOptions(group="stops", engine={"model": str(tiny_llama_dir), "block_size": 4})
-
-    def start() -> None:
-        settings = get_settings(redis_url=redis_url)
-        thread = threading.Thread(target=lambda: codes.append(serve(settings, redis_url, options, stop)),
-                                  name="test-group", daemon=True)
-        thread.start()
-        threads.append(thread)
-
-    yield start
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=60)
-    enable_pickle_for_tests()  # serve() turned unpickling off for the whole process
-    assert codes == [EXIT_OK] * len(threads)
 
 
 @pytest.fixture

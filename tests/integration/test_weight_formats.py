@@ -13,17 +13,12 @@ from bench.quality import perplexity, windows
 from common.sampling import SamplingParams
 from gpu_worker.llm import Engine
 from gpu_worker.weights.model_store import resolve_model
+from tests.integration.test_smollm2_engine import QUESTIONS
 
 pytestmark = pytest.mark.slow
 
 TEXT_WINDOW = 512
 MATCHING_TOKENS = 8
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in one sentence what a GPU is.",
-    "List three fruits that are red.",
-]
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +69,12 @@ def test_tp3_slices_the_quantized_weights_as_tp1_runs_them(model_dir, quantizati
     for one, three in zip(results[1], results[3]):
         assert three[:MATCHING_TOKENS] == one[:MATCHING_TOKENS]
 
+
+
+def test_q4_perplexity_is_within_one_percent_of_llama_cpps_on_the_same_file(model_dir):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
+    from bench.quality import llama_cpp_logprobs
+
+    _, ours = run(model_dir, quantization="q4", dtype="bfloat16")
+    theirs = perplexity(llama_cpp_logprobs(TEXT_WINDOW))
+    assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
