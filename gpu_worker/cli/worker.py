@@ -43,6 +43,8 @@ def engine_options(args: argparse.Namespace, settings) -> dict:
         options["device"] = args.device
     if args.quantization:
         options["quantization"] = args.quantization
+    if args.enforce_eager:
+        options["enforce_eager"] = True
     return options
 
 

@@ -28,6 +28,9 @@ class EngineConfig(BaseModel):
     kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache memory per rank")
     num_kv_blocks: int | None = Field(None, ge=1, description="exact KV-cache size; overrides kv_cache_gb")
     enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(True, description="run every step eagerly; False: decode steps of up to 64 "
+                                "sequences (tp=1, unquantized) run torch.compile'd, compiled at start for padded "
+                                "batch sizes (gpu_worker/engine/compiled_decode.py)")
     start_timeout_s: float = Field(120.0, gt=0)
     collective_timeout_s: float = Field(60.0, gt=0, description="ranks 1.. give up on a plan or collective that "
                                         "waits this long (rank 0 died or hung); an idle rank 0 sends keepalives")

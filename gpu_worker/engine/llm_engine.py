@@ -129,7 +129,8 @@ class LLMEngine:
         self.sampler = Sampler()
         spec = RunnerSpec(str(self.model_dir), config.dtype, device, config.block_size, num_blocks,
                           config.collective_timeout_s, max_num_seqs=config.max_num_seqs,
-                          max_num_batched_tokens=config.max_num_batched_tokens, quantization=config.quantization)
+                          max_num_batched_tokens=config.max_num_batched_tokens, quantization=config.quantization,
+                          enforce_eager=config.enforce_eager)
         self.executor = Executor(spec, config.tp, config.start_timeout_s, heartbeat)
         self._requests: dict[str, _Request] = {}
         self.stats = EngineStats()

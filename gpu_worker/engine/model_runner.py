@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from gpu_worker.engine.calibration import AttentionChoice, AttentionShape, attention_choice
+from gpu_worker.engine.compiled_decode import BATCH_SIZES, CompiledDecode, pad_decode_payload
 from gpu_worker.models.config import ModelConfig
 from gpu_worker.layers.distributed import get_parallel_context, rank_device
-from gpu_worker.engine.plan import StepPlan
+from gpu_worker.engine.plan import Command, StepPlan
 from gpu_worker.layers.attention import AttentionMetadata, DecodeScratch, PrefillSpan
 from gpu_worker.models.loader import load_quantized_blocks, load_weights
 from gpu_worker.models.llama import LlamaForCausalLM
@@ -35,6 +36,7 @@ class RunnerSpec:
     max_num_batched_tokens: int = 1024
     calibrate: bool = True               # time attention kernels at start (bf16/fp16 on CPU); see calibration.py
     quantization: str | None = None      # weight format of the linear layers: None, "int8" or "q4"
+    enforce_eager: bool = True           # False: decode steps of up to 64 sequences run compiled (compiled_decode.py)
 
 
 @dataclass
@@ -74,10 +76,11 @@ class ModelRunner:
             load_quantized_blocks(self.model, Path(spec.model_dir))
         self.model.prepare_for_inference(spec.quantization)
         attn = self.model.model.layers[0].self_attn
-        # kv_cache: [layers, 2, blocks, block_size, kv_heads_local, head_dim]
-        self.kv_cache = torch.zeros(self.config.num_layers, 2, spec.num_blocks, spec.block_size,
-                                    attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
         ctx = get_parallel_context()
+        compiled = not spec.enforce_eager and ctx.world_size == 1 and spec.quantization is None
+        # kv_cache: [layers, 2, blocks, block_size, kv_heads_local, head_dim]; compiled: + a scratch block for padding
+        self.kv_cache = torch.zeros(self.config.num_layers, 2, spec.num_blocks + compiled, spec.block_size,
+                                    attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
         log.info("rank %d/%d: model loaded, %d KV blocks (%.0f MiB)", ctx.rank, ctx.world_size,
                  spec.num_blocks, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
         self.max_blocks_per_seq = min(spec.num_blocks, -(-self.config.max_position_embeddings // spec.block_size))
@@ -89,6 +92,15 @@ class ModelRunner:
         self.use_attention_choice(attention_choice(
             AttentionShape(attn.num_heads, attn.num_kv_heads, attn.head_dim), self.dtype, self.device,
             enabled=spec.calibrate, rank=ctx.rank))
+        self.compiled: CompiledDecode | None = None
+        self.compile_s: float | None = None  # seconds compiling (and warming) the decode path took at start
+        if compiled:
+            self.compiled = CompiledDecode(self.model, decode_batch_sizes(spec.max_num_seqs))
+            self.compile_s = self.compiled.warm(self._decode_step)
+            log.info("rank %d: decode compiled for batch sizes %s in %.1f s", ctx.rank, self.compiled.sizes,
+                     self.compile_s)
+        elif not spec.enforce_eager:
+            log.info("rank %d: decode runs eagerly (compiled decode covers tp=1, unquantized only)", ctx.rank)
 
     def use_attention_choice(self, choice: AttentionChoice | None) -> None:
         """Run decode attention as ``choice`` says from the next step on (None: in the model dtype)."""
@@ -102,9 +114,23 @@ class ModelRunner:
         ``rows`` is the sum of the plan's logit counts: one per sequence (its
         last position) unless a sequence asked for the logits of its whole chunk.
         """
+        _, s, t, max_blocks = plan.header.tolist()
+        padded = self.compiled.padded_size(s) if self.compiled is not None and s == t else None
+        if padded is not None:
+            return self._decode_step(plan, s, padded, max_blocks)
         inputs = self.prepare_inputs(plan)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)  # [tokens, hidden]
         logits = self.model.compute_logits(hidden[inputs.logits_rows])                   # [rows, vocab]
+        return None if logits is None else logits.float()
+
+    def _decode_step(self, plan: StepPlan | None, seqs: int, padded: int, max_blocks: int) -> torch.Tensor | None:
+        """A decode step of ``seqs`` sequences, run compiled at ``padded`` rows (``plan`` None: padding only)."""
+        host = plan.payload.numpy() if plan is not None else np.empty(0, dtype=np.int64)
+        payload = pad_decode_payload(host, seqs, max_blocks, padded, self.spec.num_blocks)
+        padded_plan = StepPlan(torch.tensor([Command.STEP, padded, padded, max_blocks]), torch.from_numpy(payload))
+        inputs = self.prepare_inputs(padded_plan)
+        hidden = self.compiled.forward(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        logits = self.model.compute_logits(hidden[inputs.logits_rows[:seqs]])            # [seqs, vocab]
         return None if logits is None else logits.float()
 
     def prepare_inputs(self, plan: StepPlan) -> StepInputs:
@@ -191,6 +217,12 @@ class ModelRunner:
         starts = np.repeat(ends - logit_counts, logit_counts)           # [rows] each row's sequence's first row
         within = np.arange(out.size) - np.repeat(np.cumsum(logit_counts) - logit_counts, logit_counts)
         np.add(starts, within, out=out)
+
+
+def decode_batch_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """The padded batch sizes decode is compiled for: `BATCH_SIZES` up to the first that holds ``max_num_seqs``."""
+    fits = [size for size in BATCH_SIZES if size >= max_num_seqs]
+    return tuple(size for size in BATCH_SIZES if size <= (fits[0] if fits else BATCH_SIZES[-1]))
 
 
 class StepBuffers:

@@ -5,6 +5,8 @@ row-parallel projections (o_proj, down_proj).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,13 @@ from gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from gpu_worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from gpu_worker.layers.norm import RMSNorm
 from gpu_worker.layers.rotary import RotaryEmbedding
+
+Project = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+"""How a layer calls one of its linear layers: ``project(linear, x)``; the compiled decode path swaps it."""
+
+
+def _call(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return linear(x)
 
 
 class LlamaAttention(nn.Module):
@@ -28,17 +37,22 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def project_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    project: Project = _call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [tokens, heads, dim], k and v [tokens, kv_heads, dim], RoPE applied to q and k."""
         tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)                                    # [tokens, (heads + 2 kv_heads) * dim]
+        qkv = project(self.qkv_proj, hidden)                           # [tokens, (heads + 2 kv_heads) * dim]
         qk, v = qkv.split([(self.num_heads + self.num_kv_heads) * self.head_dim,
                            self.num_kv_heads * self.head_dim], dim=-1)
         qk = RotaryEmbedding.apply(qk.view(tokens, -1, self.head_dim), cos, sin)  # [tokens, heads + kv_heads, dim]
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        return q, k, v.reshape(tokens, self.num_kv_heads, self.head_dim)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.project_qkv(hidden, cos, sin)
         out = self.attn(q, k, v, kv_cache, meta)                       # [tokens, heads, dim]
-        return self.o_proj(out.view(tokens, -1))                      # [tokens, hidden]
+        return self.o_proj(out.view(out.shape[0], -1))                # [tokens, hidden]
 
 
 class LlamaMLP(nn.Module):
@@ -47,9 +61,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)              # each [tokens, intermediate_local]
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, project: Project = _call) -> torch.Tensor:
+        gate, up = project(self.gate_up_proj, x).chunk(2, dim=-1)     # each [tokens, intermediate_local]
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -60,14 +74,24 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, hidden, residual, cos, sin, kv_cache, meta):
+    def before_attention(self, hidden, residual, cos, sin, project: Project = _call):
+        """The layer up to its attention: residual add + norm, QKV, RoPE; ``(q, k, v, residual)``."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, kv_cache, meta)
+        return (*self.self_attn.project_qkv(hidden, cos, sin, project), residual)
+
+    def after_attention(self, attended, residual, project: Project = _call):
+        """The rest of the layer: o_proj, residual add + norm, the MLP; ``(hidden, residual)``."""
+        hidden = project(self.self_attn.o_proj, attended.view(attended.shape[0], -1))  # [tokens, hidden]
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, project), residual
+
+    def forward(self, hidden, residual, cos, sin, kv_cache, meta):
+        q, k, v, residual = self.before_attention(hidden, residual, cos, sin)
+        attended = self.self_attn.attn(q, k, v, kv_cache, meta)        # [tokens, heads, dim]
+        return self.after_attention(attended, residual)
 
 
 class LlamaModel(nn.Module):
