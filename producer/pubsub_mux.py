@@ -191,10 +191,13 @@ class Subscription:
 
     async def get_message(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The next ``subscribe`` or ``message`` of the channel, None after ``timeout``; raises a lost connection."""
-        try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+        if not self._queue.empty():  # the common case in a burst: no timer, no task for wait_for
+            item = self._queue.get_nowait()
+        else:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                return None
         if isinstance(item, BaseException):
             raise redis.ConnectionError(f"the shared pub/sub connection was lost: {item}") from item
         return item
