@@ -15,8 +15,9 @@ moves a quarter of fp32's bytes. For many tokens (prefill, large batches)
 that re-reading loses to a dense GEMM, so past ``max_tokens_int8`` tokens
 the kernel dequantizes the weight in slabs of :data:`DEQUANT_ROWS` rows and
 runs a dense matmul per slab: the same values, bounded extra memory. The
-crossover depends on the CPU; :mod:`gpu_worker.engine.calibration` may
-measure it, and :data:`DEFAULT_MAX_TOKENS_INT8` is the value without.
+crossover depends on the CPU; the start-up calibration
+(:mod:`gpu_worker.engine.calibration`) does not measure it yet, so it is
+:data:`DEFAULT_MAX_TOKENS_INT8` everywhere.
 """
 from __future__ import annotations
 
