@@ -8,7 +8,8 @@ greedy, every sequence generating exactly the asked number of tokens.
 
 Sides: transformers ``generate`` in fp32 and bf16; tpqueue in each
 ``--formats`` entry (a dtype; ``int8``: int8 weights with bf16
-activations; ``q4``: the GGUF file's 4-bit weights, bf16 activations); llama.cpp through ``llama-cpp-python`` (``pip install
+activations; ``q4``: the GGUF file's 4-bit weights, bf16 activations;
+``bf16-fp8kv``: bf16 with an fp8 KV cache); llama.cpp through ``llama-cpp-python`` (``pip install
 .[bench]``; it builds from source) on the GGUF file the model store keeps,
 when it is installed. Figures: batch-1 decode tok/s, 32 concurrent prompts
 x 128 tokens tok/s (not llama.cpp: its Python binding has no batched
@@ -45,6 +46,7 @@ FORMATS = {  # tpqueue format -> Engine options
     "bfloat16": {"dtype": "bfloat16"},
     "int8": {"dtype": "bfloat16", "quantization": "int8"},
     "q4": {"dtype": "bfloat16", "quantization": "q4"},
+    "bf16-fp8kv": {"dtype": "bfloat16", "kv_cache_dtype": "fp8"},
 }
 
 

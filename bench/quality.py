@@ -7,7 +7,9 @@ Independence (1776), the Gettysburg Address (1863) and Lincoln's second
 inaugural address (1865), all public domain; about 2,900 SmolLM2 tokens.
 It is cut into windows of ``--window`` tokens; each window is one prompt
 with ``prompt_logprobs``, so every token but a window's first is scored
-given the tokens before it in its window. Perplexity is ``exp`` of the mean
+given the tokens before it in its window, prefilled in chunks of
+:data:`PREFILL_CHUNK` tokens (so later chunks read earlier keys back from
+the KV cache, in its storage dtype). Perplexity is ``exp`` of the mean
 negative log-probability over the scored tokens, the same tokens for every
 format. transformers' fp32 forward on the same windows is the reference
 (its log-softmax of the same logits), so the ``float32`` row also checks
@@ -37,6 +39,7 @@ from bench import engine as engine_bench  # noqa: E402
 TEXT = Path(__file__).resolve().parent / "data" / "public_domain.txt"
 MODEL = "smollm2-135m-instruct"
 FORMATS = engine_bench.FORMATS  # format -> Engine options, as bench/engine.py runs them
+PREFILL_CHUNK = 128
 
 
 def windows(token_ids: list[int], size: int) -> list[list[int]]:
@@ -63,7 +66,9 @@ def engine_logprobs(options: dict, size: int) -> list[float]:
     from gpu_worker import Engine
 
     prompts = [{"prompt_token_ids": w} for w in text_windows(size)]
-    with Engine(MODEL, **options, max_model_len=size + 8) as engine:
+    # prefill in chunks of PREFILL_CHUNK tokens: most scored positions attend to keys read back from the KV
+    # cache, so its storage (kv_cache_dtype) counts, as it does for a served prompt longer than one step
+    with Engine(MODEL, **options, max_model_len=size + 8, max_num_batched_tokens=PREFILL_CHUNK) as engine:
         results = engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
     scored = []
     for window, result in zip(prompts, results):

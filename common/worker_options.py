@@ -40,6 +40,8 @@ ENGINE_OPTIONS: list[tuple[str, dict[str, Any], Any]] = [
                         "4-bit blocks (default: the dtype's)"}, None),
     ("--max-num-seqs", {"type": _positive_int, "help": "sequences decoded together at most (default 64)"}, 64),
     ("--kv-cache-gb", {"type": _positive_float, "help": "KV-cache memory per rank (default 1.0)"}, 1.0),
+    ("--kv-cache-dtype", {"choices": ("auto", "fp8"), "help": "KV-cache storage: auto = the dtype, fp8 = e4m3 "
+                          "(twice bf16's tokens in the same memory)"}, "auto"),
     ("--no-prefix-caching", {"action": "store_true", "help": "turn the prefix cache off"}, False),
     ("--enforce-eager", {"action": "store_true", "help": "run decode eagerly, compiling nothing at start "
                          "(the default for now; see EngineConfig.enforce_eager)"}, False),

@@ -38,6 +38,7 @@ def engine_options(args: argparse.Namespace, settings) -> dict:
     """The EngineConfig fields the command line asks for."""
     options = {"model": args.model or settings.model, "tp": args.tp or settings.tp, "dtype": args.dtype,
                "max_num_seqs": args.max_num_seqs, "kv_cache_gb": args.kv_cache_gb,
+               "kv_cache_dtype": args.kv_cache_dtype,
                "enable_prefix_caching": not args.no_prefix_caching}
     if args.device:
         options["device"] = args.device

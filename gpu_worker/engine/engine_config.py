@@ -26,6 +26,9 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(1024, ge=16, description="tokens computed per step at most")
     max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
     kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache memory per rank")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="KV-cache storage: 'auto' (the dtype) or 'fp8' (e4m3, scale 1; computed in the dtype): "
+        "the same kv_cache_gb holds 2x bf16's tokens, 4x fp32's")
     num_kv_blocks: int | None = Field(None, ge=1, description="exact KV-cache size; overrides kv_cache_gb")
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(True, description="run every step eagerly; False: decode steps of up to 64 "

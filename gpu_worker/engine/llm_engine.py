@@ -120,7 +120,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.model_dir)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         num_blocks = config.num_kv_blocks or int(config.kv_cache_gb * 2**30 // kv_bytes_per_block(
-            self.model_config, config.block_size, config.dtype, config.tp))
+            self.model_config, config.block_size, config.dtype, config.tp, config.kv_cache_dtype))
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -130,14 +130,14 @@ class LLMEngine:
         spec = RunnerSpec(str(self.model_dir), config.dtype, device, config.block_size, num_blocks,
                           config.collective_timeout_s, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens, quantization=config.quantization,
-                          enforce_eager=config.enforce_eager)
+                          enforce_eager=config.enforce_eager, kv_cache_dtype=config.kv_cache_dtype)
         self.executor = Executor(spec, config.tp, config.start_timeout_s, heartbeat)
         self._requests: dict[str, _Request] = {}
         self.stats = EngineStats()
-        log.info("engine ready: %s, tp=%d, %s%s on %s, %d KV blocks of %d, context %d",
+        log.info("engine ready: %s, tp=%d, %s%s on %s, %d KV blocks of %d (%s), context %d",
                  self.model_dir.name, config.tp, config.dtype,
                  f" with {config.quantization} weights" if config.quantization else "", device, num_blocks,
-                 config.block_size,
+                 config.block_size, "fp8 KV" if config.kv_cache_dtype == "fp8" else f"{config.dtype} KV",
                  self.max_model_len)
 
     # -- requests ------------------------------------------------------------

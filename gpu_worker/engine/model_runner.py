@@ -13,7 +13,7 @@ from gpu_worker.engine.compiled_decode import BATCH_SIZES, CompiledDecode, pad_d
 from gpu_worker.models.config import ModelConfig
 from gpu_worker.layers.distributed import get_parallel_context, rank_device
 from gpu_worker.engine.plan import Command, StepPlan
-from gpu_worker.layers.attention import AttentionMetadata, DecodeScratch, PrefillSpan
+from gpu_worker.layers.attention import FP8, AttentionMetadata, DecodeScratch, PrefillSpan
 from gpu_worker.models.loader import load_quantized_blocks, load_weights
 from gpu_worker.models.llama import LlamaForCausalLM
 
@@ -37,6 +37,7 @@ class RunnerSpec:
     calibrate: bool = True               # time attention kernels at start (bf16/fp16 on CPU); see calibration.py
     quantization: str | None = None      # weight format of the linear layers: None, "int8" or "q4"
     enforce_eager: bool = True           # False: decode steps of up to 64 sequences run compiled (compiled_decode.py)
+    kv_cache_dtype: str = "auto"         # "auto": the model's dtype; "fp8": e4m3 storage (layers/attention.py)
 
 
 @dataclass
@@ -49,11 +50,17 @@ class StepInputs:
     meta: AttentionMetadata
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: str, world_size: int) -> int:
+def kv_cache_torch_dtype(dtype: str, kv_cache_dtype: str = "auto") -> torch.dtype:
+    """The KV cache's storage: the model's dtype (``"auto"``) or e4m3 (``"fp8"``)."""
+    return FP8 if kv_cache_dtype == "fp8" else DTYPES[dtype]
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: str, world_size: int,
+                       kv_cache_dtype: str = "auto") -> int:
     """KV-cache bytes one block takes on one rank."""
     kv_heads_local = max(1, config.num_kv_heads // world_size)
     return (2 * config.num_layers * block_size * kv_heads_local * config.head_dim
-            * torch.empty(0, dtype=DTYPES[dtype]).element_size())
+            * torch.empty(0, dtype=kv_cache_torch_dtype(dtype, kv_cache_dtype)).element_size())
 
 
 class ModelRunner:
@@ -80,7 +87,8 @@ class ModelRunner:
         compiled = not spec.enforce_eager and ctx.world_size == 1 and spec.quantization is None
         # kv_cache: [layers, 2, blocks, block_size, kv_heads_local, head_dim]; compiled: + a scratch block for padding
         self.kv_cache = torch.zeros(self.config.num_layers, 2, spec.num_blocks + compiled, spec.block_size,
-                                    attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
+                                    attn.num_kv_heads, attn.head_dim,
+                                    dtype=kv_cache_torch_dtype(spec.dtype, spec.kv_cache_dtype), device=self.device)
         log.info("rank %d/%d: model loaded, %d KV blocks (%.0f MiB)", ctx.rank, ctx.world_size,
                  spec.num_blocks, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
         self.max_blocks_per_seq = min(spec.num_blocks, -(-self.config.max_position_embeddings // spec.block_size))

@@ -66,12 +66,30 @@ class DecodeScratch:
         return flat[slot * numel:(slot + 1) * numel].view(shape)
 
 
+FP8 = torch.float8_e4m3fn
+"""The compressed KV cache's storage (``kv_cache_dtype="fp8"``): e4m3, scale 1, saturating at +-448."""
+
+
+def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """Store ``x`` [tokens, kv_heads, dim] at flat ``slots`` [tokens] of ``cache`` [blocks, block_size, kv_heads, dim].
+
+    An fp8 cache stores ``x`` rounded to e4m3 (torch's cast saturates at +-448),
+    written through a byte view: CPU ``index_copy_`` has no float8 kernel.
+    """
+    flat = cache.view(-1, *cache.shape[2:])                              # [slots, kv_heads, dim]
+    if cache.dtype == FP8:
+        flat.view(torch.uint8).index_copy_(0, slots, x.to(FP8).view(torch.uint8))
+    else:
+        flat.index_copy_(0, slots, x)
+
+
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, scratch: DecodeScratch | None = None,
-                  slot: int = 0) -> torch.Tensor:
+                  slot: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The cache rows of ``block_tables`` ([..., blocks]) as [..., blocks * block_size, kv_heads, dim].
 
     ``index_select`` on the flattened table: about 4x faster on CPU than advanced
     indexing. With ``scratch``, written into its ``slot`` instead of a fresh tensor.
+    An fp8 cache's rows come out converted to ``dtype`` (the model's).
     """
     # cache: [num_blocks, block_size, kv_heads, dim]
     index = block_tables.reshape(-1)                                     # [tables * blocks]
@@ -80,6 +98,8 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, scratch: Deco
     else:
         rows = torch.index_select(cache, 0, index, out=scratch.take(slot, (index.numel(), *cache.shape[1:]),
                                                                     cache.dtype))
+    if cache.dtype == FP8 and dtype is not None:
+        rows = rows.to(dtype)
     return rows.view(*block_tables.shape[:-1], -1, *cache.shape[2:])
 
 
@@ -115,13 +135,13 @@ class PagedAttention(nn.Module):
         # q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]
         # kv_cache: [2, blocks, block_size, kv_heads, dim]
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        write_cache(k_cache, meta.slot_mapping, k)
+        write_cache(v_cache, meta.slot_mapping, v)
         out = torch.empty_like(q)
         if d := meta.num_decodes:
             scratch = meta.decode_scratch
-            keys = gather_blocks(k_cache, meta.decode_block_tables, scratch, 0)      # [d, ctx, kv_heads, dim]
-            values = gather_blocks(v_cache, meta.decode_block_tables, scratch, 1)
+            keys = gather_blocks(k_cache, meta.decode_block_tables, scratch, 0, q.dtype)  # [d, ctx, kv_heads, dim]
+            values = gather_blocks(v_cache, meta.decode_block_tables, scratch, 1, q.dtype)
             attended = decode_attention(q[:d].unsqueeze(2), keys, values, meta.decode_mask,
                                         meta.decode_upcast, scratch)                    # [d, heads, 1, dim]
             out[:d] = attended.squeeze(2)
@@ -130,8 +150,8 @@ class PagedAttention(nn.Module):
             if span.block_table is None:
                 keys, values = k[rows], v[rows]                                       # [n, kv_heads, dim]
             else:
-                keys = gather_blocks(k_cache, span.block_table)[:span.context_len]    # [ctx, kv_heads, dim]
-                values = gather_blocks(v_cache, span.block_table)[:span.context_len]
+                keys = gather_blocks(k_cache, span.block_table, dtype=q.dtype)[:span.context_len]  # [ctx, kv, dim]
+                values = gather_blocks(v_cache, span.block_table, dtype=q.dtype)[:span.context_len]
             attended = F.scaled_dot_product_attention(
                 q[rows].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
                 values.transpose(0, 1).unsqueeze(0), attn_mask=span.mask,

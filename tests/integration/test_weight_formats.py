@@ -30,7 +30,8 @@ def run(model_dir, **options) -> tuple[list[list[int]], float]:
     """Greedy tokens of the four chats and the perplexity of the shipped text, with these engine options."""
     from bench.quality import TEXT
 
-    with Engine(str(model_dir), kv_cache_gb=0.1, **options) as engine:
+    options.setdefault("kv_cache_gb", 0.1)
+    with Engine(str(model_dir), **options) as engine:
         chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
         greedy = engine.generate(chats, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
         prompts = [{"prompt_token_ids": w} for w in windows(engine.tokenizer.encode(TEXT.read_text()), TEXT_WINDOW)]
@@ -78,3 +79,17 @@ def test_q4_perplexity_is_within_one_percent_of_llama_cpps_on_the_same_file(mode
     _, ours = run(model_dir, quantization="q4", dtype="bfloat16")
     theirs = perplexity(llama_cpp_logprobs(TEXT_WINDOW))
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
+
+
+def test_an_fp8_kv_cache_keeps_perplexity_within_two_percent_and_holds_twice_the_tokens(model_dir):
+    # prefill in chunks of 64 tokens, so that most scored positions attend to keys read back from the cache
+    chunked = {"dtype": "bfloat16", "max_num_batched_tokens": 64, "kv_cache_gb": 0.05}
+    _, bf16_ppl = run(model_dir, **chunked)
+    _, fp8_ppl = run(model_dir, kv_cache_dtype="fp8", **chunked)
+    assert abs(fp8_ppl / bf16_ppl - 1) < 0.02, (fp8_ppl, bf16_ppl)
+    assert fp8_ppl != bf16_ppl
+    blocks = {}
+    for kv in ("auto", "fp8"):
+        with Engine(str(model_dir), dtype="bfloat16", kv_cache_gb=0.05, kv_cache_dtype=kv) as engine:
+            blocks[kv] = engine.llm.block_manager.num_blocks
+    assert blocks["fp8"] in (2 * blocks["auto"], 2 * blocks["auto"] + 1)  # the budget, in whole blocks

@@ -21,11 +21,12 @@ def test_up_passes_on_only_the_engine_options_given():
 
 def test_what_up_passes_on_parses_in_tpq_worker_to_the_same_engine_options():
     given = ["--model", "/models/x", "--dtype", "bfloat16", "--device", "cpu", "--quantization", "int8",
-             "--max-num-seqs", "8", "--kv-cache-gb", "0.25", "--no-prefix-caching"]
+             "--max-num-seqs", "8", "--kv-cache-gb", "0.25", "--kv-cache-dtype", "fp8", "--no-prefix-caching"]
     passed = worker_args(up_parser().parse_args(given))
     options = engine_options(worker_parser().parse_args(passed), get_settings())
     assert options == {"model": "/models/x", "tp": 1, "dtype": "bfloat16", "device": "cpu", "quantization": "int8",
-                       "max_num_seqs": 8, "kv_cache_gb": 0.25, "enable_prefix_caching": False}
+                       "max_num_seqs": 8, "kv_cache_gb": 0.25, "kv_cache_dtype": "fp8",
+                       "enable_prefix_caching": False}
 
 
 def test_every_engine_option_reaches_tpq_up():
