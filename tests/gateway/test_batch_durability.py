@@ -75,7 +75,9 @@ def batch_jobs_started(conn: redis.Redis, batch_id: str) -> int:
 
 
 def test_a_batch_survives_gateway_and_group_kills(start_stack, redis_url, tiny_llama_dir, tmp_path):
-    start_stack(groups=1, tp=1, model=str(tiny_llama_dir))
+    # 4 sequences at a time: the group must still be running lines when the keeper has harvested 130 of them
+    # (with 64 the tiny model finished all 200 before that, and the wait for a running job never ended)
+    start_stack(groups=1, tp=1, model=str(tiny_llama_dir), extra=["--max-num-seqs", "4"])
     conn = redis.Redis.from_url(redis_url)
     gateway = GatewayProcess(free_port(), tmp_path / "gateway.log").start()
     try:
