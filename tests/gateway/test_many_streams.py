@@ -84,8 +84,11 @@ def test_500_streams_complete_on_at_most_8_connections(start_stack, start_gatewa
             assert len(names) <= MAX_GATEWAY_CONNECTIONS, f"{len(names)} gateway connections: {sorted(names)}"
             await asyncio.to_thread(start_stack, 1, 1, model)
             streamed = await asyncio.gather(*tasks)
-            finished = await asyncio.gather(*(http.get(f"{gateway.url}/v1/chat/completions/{cid}")
-                                              for cid, _, _ in streamed))
+            # A fresh pool for the lookups: the streams' connections sat idle past the server's keep-alive
+            # while the slowest streams finished, and reusing one the server is closing is a ReadError.
+            async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=60.0) as lookups:
+                finished = await asyncio.gather(*(lookups.get(f"{gateway.url}/v1/chat/completions/{cid}")
+                                                  for cid, _, _ in streamed))
             after = await asyncio.to_thread(gateway_connections, redis_url)  # the result waits' one is in now
             assert len(after) <= MAX_GATEWAY_CONNECTIONS, f"{len(after)} gateway connections: {sorted(after)}"
             return names, streamed, [f.json() for f in finished]
