@@ -19,11 +19,9 @@ the times, but not both variants alike) is kept until then.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from bisect import bisect_left
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from gpu_worker.kernels.host_cpu import cpu_flags_hash, cpu_model_name
 from gpu_worker.layers.attention import DecodeScratch, decode_attention
 from gpu_worker.weights.model_store import cache_root
 
@@ -104,17 +103,6 @@ def cache_key(shape: AttentionShape, dtype: torch.dtype, cpu_name: str) -> str:
             f"; context={CONTEXT}")
 
 
-def cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (else what `platform` knows)."""
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
-
-
-def cpu_flags_hash() -> str:
-    """A short hash of the CPU's feature flags: VMs often name very different CPUs alike ("AMD EPYC")."""
-    flags = " ".join(sorted(_cpuinfo_field("flags").split()))
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
-
-
 def measure(shape: AttentionShape, dtype: torch.dtype) -> list[dict]:
     """Time decode attention in ``dtype`` and upcast to float32 at each of `BATCHES`; the faster wins per batch."""
     gen = torch.Generator().manual_seed(0)
@@ -149,17 +137,6 @@ def _time_pair(run) -> tuple[float, float]:
                 run(upcast)
                 best[upcast] = min(best[upcast], time.perf_counter() - start)
     return best[False] * 1e6, best[True] * 1e6
-
-
-def _cpuinfo_field(name: str) -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.split(":", 1)[0].strip() == name:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 @contextmanager

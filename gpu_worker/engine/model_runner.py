@@ -10,6 +10,9 @@ import torch
 
 from gpu_worker.engine.calibration import AttentionChoice, AttentionShape, attention_choice
 from gpu_worker.engine.compiled_decode import BATCH_SIZES, CompiledDecode, pad_decode_payload
+from gpu_worker.kernels.cpu_ops import CpuKernels, load_kernels
+from gpu_worker.kernels.decode_program import MAX_SEQS as PROGRAM_MAX_SEQS
+from gpu_worker.kernels.decode_program import DecodeProgram
 from gpu_worker.models.config import ModelConfig
 from gpu_worker.layers.distributed import get_parallel_context, rank_device
 from gpu_worker.engine.plan import Command, StepPlan
@@ -38,6 +41,7 @@ class RunnerSpec:
     quantization: str | None = None      # weight format of the linear layers: None, "int8" or "q4"
     enforce_eager: bool = True           # False: decode steps of up to 64 sequences run compiled (compiled_decode.py)
     kv_cache_dtype: str = "auto"         # "auto": the model's dtype; "fp8": e4m3 storage (layers/attention.py)
+    cpu_kernels: bool = True             # CPU, float32/bf16, eager: fused C kernels (gpu_worker/kernels); off: torch
 
 
 @dataclass
@@ -81,10 +85,11 @@ class ModelRunner:
         load_weights(self.model, Path(spec.model_dir))
         if spec.quantization == "q4":
             load_quantized_blocks(self.model, Path(spec.model_dir))
-        self.model.prepare_for_inference(spec.quantization)
-        attn = self.model.model.layers[0].self_attn
         ctx = get_parallel_context()
         compiled = not spec.enforce_eager and ctx.world_size == 1 and spec.quantization is None
+        self.kernels = load_kernels() if self._kernels_apply(compiled) else None
+        self.model.prepare_for_inference(spec.quantization, self.kernels)
+        attn = self.model.model.layers[0].self_attn
         # kv_cache: [layers, 2, blocks, block_size, kv_heads_local, head_dim]; compiled: + a scratch block for padding
         self.kv_cache = torch.zeros(self.config.num_layers, 2, spec.num_blocks + compiled, spec.block_size,
                                     attn.num_kv_heads, attn.head_dim,
@@ -97,9 +102,11 @@ class ModelRunner:
         self.buffers = StepBuffers(self.device, ints=tokens + 3 * seqs + seqs * self.max_blocks_per_seq + 3 * tokens,
                                    flags=seqs * max_context, counting=max(tokens, max_context))
         self.decode_scratch = DecodeScratch(self.device)
+        # the calibration chooses between the gather paths, which the fused kernel replaces
         self.use_attention_choice(attention_choice(
             AttentionShape(attn.num_heads, attn.num_kv_heads, attn.head_dim), self.dtype, self.device,
-            enabled=spec.calibrate, rank=ctx.rank))
+            enabled=spec.calibrate and self.kernels is None, rank=ctx.rank))
+        self.program = self._decode_program(ctx.world_size)
         self.compiled: CompiledDecode | None = None
         self.compile_s: float | None = None  # seconds compiling (and warming) the decode path took at start
         if compiled:
@@ -109,6 +116,22 @@ class ModelRunner:
                      self.compile_s)
         elif not spec.enforce_eager:
             log.info("rank %d: decode runs eagerly (compiled decode covers tp=1, unquantized only)", ctx.rank)
+
+    def _decode_program(self, world_size: int) -> DecodeProgram | None:
+        """The one-call decode path (`gpu_worker.kernels.decode_program`) where it covers this runner."""
+        if self.kernels is None:
+            return None
+        reason = DecodeProgram.unsupported(self.model, self.kv_cache, world_size)
+        if reason is not None:
+            log.info("decode steps run op by op (the one-call decode program does not cover %s)", reason)
+            return None
+        log.info("decode steps of up to %d sequences run as one C call per step", PROGRAM_MAX_SEQS)
+        return DecodeProgram(self.model, self.kv_cache, self.kernels, self.spec.block_size)
+
+    def _kernels_apply(self, compiled: bool) -> bool:
+        """Whether this runner's steps can use the fused CPU kernels (the compiled path traces torch ops instead)."""
+        return (self.spec.cpu_kernels and self.device.type == "cpu" and not compiled
+                and CpuKernels.supports(self.dtype))
 
     def use_attention_choice(self, choice: AttentionChoice | None) -> None:
         """Run decode attention as ``choice`` says from the next step on (None: in the model dtype)."""
@@ -127,7 +150,10 @@ class ModelRunner:
         if padded is not None:
             return self._decode_step(plan, s, padded, max_blocks)
         inputs = self.prepare_inputs(plan)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)  # [tokens, hidden]
+        if self.program is not None and s == t <= PROGRAM_MAX_SEQS:
+            hidden = self.program(inputs.input_ids, inputs.positions, inputs.meta)        # [seqs, hidden]
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)  # [tokens, hidden]
         logits = self.model.compute_logits(hidden[inputs.logits_rows])                   # [rows, vocab]
         return None if logits is None else logits.float()
 
@@ -189,7 +215,7 @@ class ModelRunner:
             buf.ints(slot_at, slot_at + t), num_decodes,
             tables_t if decode_only else tables_t[:num_decodes, :decode_len // bs],
             buf.flags(0, num_decodes * decode_len, (num_decodes, 1, 1, decode_len)), prefills, upcast,
-            self.decode_scratch)
+            self.decode_scratch, buf.ints(t + s, t + s + num_decodes))
         return StepInputs(buf.ints(0, t), buf.ints(pos_at, pos_at + t), buf.ints(rows_at, rows_at + num_rows), meta)
 
     @staticmethod

@@ -1,10 +1,12 @@
 """Attention over the paged KV cache.
 
 Each step first writes the new tokens' keys and values into their cache
-slots. Decoding sequences (one query each) are then attended together: their
-blocks are gathered into a padded [seqs, context, heads, dim] view and
-masked by length, in the model dtype or upcast to float32, whichever the
-engine's start-up calibration found faster on this CPU for a batch that size
+slots. Decoding sequences (one query each) are then attended together. On the
+CPU with the fused kernels (`gpu_worker.kernels.cpu_ops`), one C call reads
+each sequence's blocks where they lie, in float32. Otherwise their blocks
+are gathered into a padded [seqs, context, heads, dim] view and masked by
+length, in the model dtype or upcast to float32, whichever the engine's
+start-up calibration found faster on this CPU for a batch that size
 (`gpu_worker.engine.calibration`), in memory reused across layers and steps
 (`DecodeScratch`). Prefilling sequences are attended one by one, straight
 from this step's keys when they have no cached prefix, else from the cache.
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gpu_worker.kernels.cpu_ops import CpuKernels
 
 
 @dataclass
@@ -41,6 +45,7 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
     decode_upcast: bool = False            # decode attention in float32 (the calibrated choice for this batch)
     decode_scratch: DecodeScratch | None = None  # reused memory for the gathered keys and values; None: fresh
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int64; given, the fused kernel may run
 
 
 class DecodeScratch:
@@ -129,6 +134,7 @@ class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.kernels: CpuKernels | None = None  # set by LlamaForCausalLM.prepare_for_inference
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -138,7 +144,10 @@ class PagedAttention(nn.Module):
         write_cache(k_cache, meta.slot_mapping, k)
         write_cache(v_cache, meta.slot_mapping, v)
         out = torch.empty_like(q)
-        if d := meta.num_decodes:
+        if (d := meta.num_decodes) and self.kernels is not None and meta.decode_context_lens is not None:
+            self.kernels.paged_decode_attention(q[:d], k_cache, v_cache, meta.decode_block_tables,
+                                                meta.decode_context_lens, out[:d])
+        elif d:
             scratch = meta.decode_scratch
             keys = gather_blocks(k_cache, meta.decode_block_tables, scratch, 0, q.dtype)  # [d, ctx, kv_heads, dim]
             values = gather_blocks(v_cache, meta.decode_block_tables, scratch, 1, q.dtype)

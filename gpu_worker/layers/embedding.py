@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker.kernels.cpu_ops import CpuKernels
 from gpu_worker.layers.distributed import all_reduce, gather_to_driver, get_parallel_context
 from gpu_worker.layers import gemm, quant
 from gpu_worker.layers.linear import padded_shard_size
@@ -49,7 +50,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
         self.tied = True
 
-    def prepare_for_inference(self, quantization: str | None = None) -> None:
+    def prepare_for_inference(self, quantization: str | None = None, kernels: CpuKernels | None = None) -> None:
         """Pick the logits' matmul path; quantized formats give the LM head an int8 copy (see below).
 
         ``"q4"`` runs the LM head as per-row int8 too: a GGUF file's tied
@@ -60,7 +61,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if quantization is None:
             self.kernel = gemm.LinearKernel(self.weight.data)
             return
-        self.kernel = quant.make_quantized_kernel(self.weight.data, "int8")
+        self.kernel = quant.make_quantized_kernel(self.weight.data, "int8", kernels)
         if not self.tied:
             self.weight = None  # only the int8 copy is read
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gpu_worker.kernels.cpu_ops import CpuKernels
 from gpu_worker.layers.distributed import all_reduce, divide, get_parallel_context
 from gpu_worker.layers import gemm, quant
 from gpu_worker.layers.q4 import Q4LinearKernel
@@ -83,18 +84,19 @@ class LinearBase(nn.Module):
         self.quantized_parts[where.offset] = tensor.narrow(where.dim, where.start, length)
         return True
 
-    def prepare_for_inference(self, quantization: str | None = None) -> None:
+    def prepare_for_inference(self, quantization: str | None = None, kernels: CpuKernels | None = None) -> None:
         """Pick the matmul path once the weights are loaded; drop the plain weight if it is unused.
 
         ``quantization``: ``"int8"`` quantizes this rank's slice
         (:mod:`gpu_worker.layers.quant`); ``"q4"`` packs the GGUF blocks
         :meth:`load_quantized` kept (:mod:`gpu_worker.layers.q4`), or, when
         they do not cover the whole weight, runs the loaded weight as is.
+        With ``kernels``, the quantized formats run decode steps on them.
         """
         if quantization == "q4" and self._quantized_rows() == self.weight.shape[0]:
-            self.kernel = Q4LinearKernel([self.quantized_parts[o] for o in sorted(self.quantized_parts)])
+            self.kernel = Q4LinearKernel([self.quantized_parts[o] for o in sorted(self.quantized_parts)], kernels)
         elif quantization == "int8":
-            self.kernel = quant.make_quantized_kernel(self.weight.data, quantization)
+            self.kernel = quant.make_quantized_kernel(self.weight.data, quantization, kernels)
         else:
             if quantization == "q4":
                 log.info("%s: no 4-bit blocks for this rank's slice; it runs the loaded %s weight",

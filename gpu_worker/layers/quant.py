@@ -9,9 +9,12 @@ than one scale over the whole row, never coarser).
 Each output channel ``n`` gets one scale ``s[n]`` (``max |w[n, :]| / 127``,
 or a little less where clipping the row's outliers lowers its squared
 error: :func:`quantize_int8`) and int8 values ``q = round(w / s)``.
-A step of few tokens (decode) runs ``torch.ops.aten._weight_int8pack_mm``,
-which reads the int8 weight once per 4 rows of activations: at batch 1 it
-moves a quarter of fp32's bytes. For many tokens (prefill, large batches)
+A step of few tokens (decode) runs the fused CPU kernel's
+``int8_gemv`` (:mod:`gpu_worker.kernels.cpu_ops`: each weight read once for
+up to ``GEMV_MAX_TOKENS`` rows, float32 scales) where the kernels load, else
+``torch.ops.aten._weight_int8pack_mm`` (up to ``max_tokens_int8`` rows),
+which reads the int8 weight once per 4 rows of activations: at batch 1
+either moves a quarter of fp32's bytes. For many tokens (prefill, large batches)
 that re-reading loses to a dense GEMM, so past ``max_tokens_int8`` tokens
 the kernel dequantizes the weight in slabs of :data:`DEQUANT_ROWS` rows and
 runs a dense matmul per slab: the same values, bounded extra memory. The
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from gpu_worker.kernels.cpu_ops import CpuKernels
 
 INT8_MAX = 127
 DEFAULT_MAX_TOKENS_INT8 = 8
@@ -76,9 +81,11 @@ class Int8LinearKernel:
 
     needs_plain_weight = False
 
-    def __init__(self, weight: torch.Tensor, max_tokens_int8: int = DEFAULT_MAX_TOKENS_INT8) -> None:
+    def __init__(self, weight: torch.Tensor, max_tokens_int8: int = DEFAULT_MAX_TOKENS_INT8,
+                 kernels: CpuKernels | None = None) -> None:
         self.qweight, self._scales_fp32 = quantize_int8(weight)                # [out, in] int8, [out] fp32
         self.max_tokens_int8 = max_tokens_int8
+        self.kernels = kernels if kernels is not None and self.qweight.shape[1] % 16 == 0 else None
         self._scales: dict[torch.dtype, torch.Tensor] = {}
         self._packed_kernel = weight.device.type == "cpu"  # aten's int8 kernel: CPU (and MPS) only
         self.weight = None
@@ -99,6 +106,9 @@ class Int8LinearKernel:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [tokens, in] -> [tokens, out]
+        if self.kernels is not None and x.shape[0] <= CpuKernels.GEMV_MAX_TOKENS and CpuKernels.supports(x.dtype):
+            y = self.kernels.int8_gemv(x.contiguous(), self.qweight, self._scales_fp32)
+            return y if bias is None else y + bias
         if self._packed_kernel and x.shape[0] <= self.max_tokens_int8:
             y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales(x.dtype))
             return y if bias is None else y + bias
@@ -120,8 +130,9 @@ class Int8LinearKernel:
         return self.qweight.numel() + 4 * self._scales_fp32.numel()
 
 
-def make_quantized_kernel(weight: torch.Tensor, quantization: str) -> Int8LinearKernel:
+def make_quantized_kernel(weight: torch.Tensor, quantization: str,
+                          kernels: CpuKernels | None = None) -> Int8LinearKernel:
     """The kernel of format ``quantization`` (one of :data:`QUANTIZATIONS`) for a loaded weight [out, in]."""
     if quantization == "int8":
-        return Int8LinearKernel(weight)
+        return Int8LinearKernel(weight, kernels=kernels)
     raise ValueError(f"unknown weight quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker.kernels.cpu_ops import CpuKernels
 from gpu_worker.models.config import ModelConfig
 from gpu_worker.layers.attention import AttentionMetadata, PagedAttention
 from gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -36,6 +37,7 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.kernels: CpuKernels | None = None  # set by LlamaForCausalLM.prepare_for_inference
 
     def project_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     project: Project = _call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,7 +46,11 @@ class LlamaAttention(nn.Module):
         qkv = project(self.qkv_proj, hidden)                           # [tokens, (heads + 2 kv_heads) * dim]
         qk, v = qkv.split([(self.num_heads + self.num_kv_heads) * self.head_dim,
                            self.num_kv_heads * self.head_dim], dim=-1)
-        qk = RotaryEmbedding.apply(qk.view(tokens, -1, self.head_dim), cos, sin)  # [tokens, heads + kv_heads, dim]
+        qk = qk.view(tokens, -1, self.head_dim)                         # [tokens, heads + kv_heads, dim]
+        if self.kernels is not None:
+            self.kernels.rope_(qk, cos, sin)  # in place: qkv is this step's own
+        else:
+            qk = RotaryEmbedding.apply(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         return q, k, v.reshape(tokens, self.num_kv_heads, self.head_dim)
 
@@ -60,9 +66,13 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
+        self.kernels: CpuKernels | None = None  # set by LlamaForCausalLM.prepare_for_inference
 
     def forward(self, x: torch.Tensor, project: Project = _call) -> torch.Tensor:
-        gate, up = project(self.gate_up_proj, x).chunk(2, dim=-1)     # each [tokens, intermediate_local]
+        gate_up = project(self.gate_up_proj, x)                        # [tokens, 2 * intermediate_local]
+        if self.kernels is not None:
+            return project(self.down_proj, self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)                            # each [tokens, intermediate_local]
         return project(self.down_proj, F.silu(gate) * up)
 
 
@@ -146,8 +156,15 @@ class LlamaForCausalLM(nn.Module):
                 return name.replace(f".{fragment}.", f".{fused}."), shard_id
         return name, None
 
-    def prepare_for_inference(self, quantization: str | None = None) -> None:
-        """Give every linear layer and the LM head its kernel; ``quantization`` (``"int8"``) quantizes them."""
+    def prepare_for_inference(self, quantization: str | None = None, kernels: CpuKernels | None = None) -> None:
+        """Give every linear layer and the LM head its kernel; ``quantization`` (``"int8"``, ``"q4"``) quantizes them.
+
+        With ``kernels`` (the fused CPU kernels), norms, RoPE, SiLU-and-multiply,
+        decode attention and the quantized formats' decode matmuls run as their
+        C calls; without, as torch ops.
+        """
         for module in self.modules():
             if module is not self and hasattr(module, "prepare_for_inference"):
-                module.prepare_for_inference(quantization)
+                module.prepare_for_inference(quantization, kernels)
+            elif hasattr(module, "kernels"):
+                module.kernels = kernels

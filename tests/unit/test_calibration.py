@@ -11,6 +11,7 @@ from common.sampling import SamplingParams
 from gpu_worker.engine import calibration
 from gpu_worker.engine.calibration import BATCHES, AttentionChoice, AttentionShape, attention_choice, cache_key
 from gpu_worker.engine.model_runner import ModelRunner, RunnerSpec
+from gpu_worker.kernels.host_cpu import cpu_model_name
 from gpu_worker.engine.plan import pack_step
 from gpu_worker.engine.sequence import Sequence
 from gpu_worker.layers.attention import DecodeScratch, decode_attention
@@ -105,17 +106,23 @@ def test_both_paths_agree_within_the_dtype_rounding(dtype, batch):
         assert (out.double() - exact).abs().max() <= 2 * torch.finfo(dtype).eps * exact.abs().max().clamp(min=1)
 
 
-@pytest.mark.parametrize("upcast", [False, True])
-def test_bfloat16_runner_matches_transformers_on_either_path(tiny_llama_dir, tmp_path, monkeypatch, upcast):
-    """A bf16 runner takes its choice from the cache (written beforehand); either path is within bf16 of fp32."""
+@pytest.mark.parametrize("path", ["bf16", "float32", "fused"])
+def test_bfloat16_runner_matches_transformers_on_every_path(tiny_llama_dir, tmp_path, monkeypatch, path):
+    """A bf16 runner takes its choice from the cache (written beforehand); each path is within bf16 of fp32.
+
+    ``fused``: the fused CPU kernels' attention, which needs no calibration (none is read).
+    """
     set_parallel_context(ParallelContext(0, 1))
     monkeypatch.setenv("TPQ_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(calibration.CALIBRATE_ENV, raising=False)
-    key = cache_key(AttentionShape(4, 2, 16), torch.bfloat16, calibration.cpu_model_name())
+    upcast, fused = path == "float32", path == "fused"
+    key = cache_key(AttentionShape(4, 2, 16), torch.bfloat16, cpu_model_name())
     cases = [{"batch": b, "model_dtype_us": 1.0, "float32_us": 1.0, "upcast": upcast} for b in BATCHES]
     (tmp_path / "calibration.json").write_text(json.dumps({key: cases}))
-    runner = ModelRunner(RunnerSpec(str(tiny_llama_dir), "bfloat16", "cpu", BLOCK_SIZE, NUM_BLOCKS))
-    assert runner.attention_choice == AttentionChoice(tuple((b, upcast) for b in BATCHES))
+    runner = ModelRunner(RunnerSpec(str(tiny_llama_dir), "bfloat16", "cpu", BLOCK_SIZE, NUM_BLOCKS,
+                                    cpu_kernels=fused))
+    assert (runner.kernels is not None) == fused
+    assert runner.attention_choice == (None if fused else AttentionChoice(tuple((b, upcast) for b in BATCHES)))
 
     token_ids = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(4)).tolist()
     reference = hf_reference_logits(tiny_llama_dir, token_ids)                               # [24, vocab]

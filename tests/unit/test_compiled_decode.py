@@ -22,8 +22,9 @@ TOLERANCE = 1e-4
 
 def make_runner(model_dir, enforce_eager: bool) -> ModelRunner:
     set_parallel_context(ParallelContext(0, 1))
+    # the eager side on torch ops too (no fused CPU kernels), as the compiled path's own fallback runs
     return ModelRunner(RunnerSpec(str(model_dir), "float32", "cpu", BLOCK_SIZE, NUM_BLOCKS, calibrate=False,
-                                  max_num_seqs=4, enforce_eager=enforce_eager))
+                                  max_num_seqs=4, enforce_eager=enforce_eager, cpu_kernels=False))
 
 
 @pytest.fixture(scope="module")

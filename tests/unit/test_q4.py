@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 from safetensors import safe_open
 
+from gpu_worker.kernels.cpu_ops import load_kernels
 from gpu_worker.layers.q4 import Q4LinearKernel, kernel_available, scale_and_zero
 from gpu_worker.weights import gguf_convert
 from gpu_worker.weights.gguf_q4 import Q4_0, Q4_1, Q8_0, QuantizedTensor, q4_fields, q8_0_fields, read_blocks
@@ -172,6 +173,29 @@ def test_narrow_slices_rows_and_whole_blocks_of_columns(tiny: Path) -> None:
 def test_kernel_matches_the_gguf_weights(tiny: Path, name: str, tokens: int) -> None:
     tensor = read_blocks(tiny).tensors[name]
     assert check_kernel(Q4LinearKernel(tensor), tensor, tokens) < 2 * BF16_STEP
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                                  "lm_head.weight"])
+@pytest.mark.parametrize("tokens", [1, 5, 37])  # up to 8: q4_gemv on the blocks; 37: dequantized, dense
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kernels_compute_with_the_files_own_weights(tiny: Path, name: str, tokens: int,
+                                                               dtype: torch.dtype) -> None:
+    """On the fused CPU kernels the weights are d * q + m with d and m exact from the file's float16."""
+    kernels = load_kernels()
+    assert kernels is not None, "the fused CPU kernels did not build here"
+    tensor = read_blocks(tiny).tensors[name]
+    kernel = Q4LinearKernel(tensor, kernels)
+    x = torch.randn(tokens, tensor.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    y = kernel(x, None).double()                                              # [tokens, out]
+    expected = x.double() @ torch.from_numpy(tensor.dequantize().astype(np.float64)).T
+    rounding = BF16_STEP if dtype == torch.bfloat16 else 1e-6                 # the output's own rounding
+    magnitude = x.double().abs() @ torch.from_numpy(np.abs(tensor.dequantize()).astype(np.float64)).T
+    accumulation = 1e-5 * magnitude
+    if tokens > 8 and dtype == torch.bfloat16:  # the dense path multiplies weights rounded to bf16
+        accumulation += BF16_STEP * magnitude
+    assert bool(((y - expected).abs() <= rounding * expected.abs() + accumulation + 1e-30).all())
+    assert kernel.nbytes == kernel.packed.nbytes + kernel.d.nbytes + kernel.m.nbytes
 
 
 @needs_int4_kernel

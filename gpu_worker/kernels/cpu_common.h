@@ -1,0 +1,111 @@
+/* What the fused CPU kernels share: dtype codes, bf16 and fp8 conversions, row loads, and the vectors
+ * (AVX-512 or AVX2, whichever -march=native gives, else plain floats). See cpu_ops.c. */
+#ifndef TPQ_CPU_COMMON_H
+#define TPQ_CPU_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+enum { F32 = 0, BF16 = 1, FP8 = 2 };
+
+/* Below this many elements an elementwise kernel runs on the calling thread: waking the pool costs more. */
+#define PARALLEL_ELEMENTS 32768
+
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } x = { .u = (uint32_t)v << 16 };
+    return x.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    union { float f; uint32_t u; } x = { .f = f };
+    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40u);  /* NaN stays NaN */
+    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
+}
+
+extern float tpq_fp8_table[256];  /* e4m3fn byte -> float32, filled when the library loads */
+
+/* n elements of a dtype-coded row into float32 */
+static inline void load_row(int dtype, const void *src, float *dst, int64_t n) {
+    if (dtype == F32) {
+        const float *s = src;
+        for (int64_t i = 0; i < n; i++) dst[i] = s[i];
+    } else if (dtype == BF16) {
+        const uint16_t *s = src;
+        #pragma omp simd
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        const uint8_t *s = src;
+        for (int64_t i = 0; i < n; i++) dst[i] = tpq_fp8_table[s[i]];
+    }
+}
+
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VW 16
+typedef __m512 vf;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vscale(vf a, float s) { return _mm512_mul_ps(a, _mm512_set1_ps(s)); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vf vload_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline void vload_nibbles(const uint8_t *p, vf *lo, vf *hi) {  /* VW bytes' low and high nibbles */
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VW 8
+typedef __m256 vf;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vscale(vf a, float s) { return _mm256_mul_ps(a, _mm256_set1_ps(s)); }
+static inline float vsum(vf a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+static inline vf vload_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline void vload_nibbles(const uint8_t *p, vf *lo, vf *hi) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#else
+#define VW 1
+typedef float vf;
+static inline vf vzero(void) { return 0.0f; }
+static inline vf vload(const float *p) { return *p; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline vf vscale(vf a, float s) { return a * s; }
+static inline float vsum(vf a) { return a; }
+static inline vf vload_i8(const int8_t *p) { return (float)*p; }
+static inline vf vload_bf16(const uint16_t *p) { return bf16_to_f32(*p); }
+static inline void vload_nibbles(const uint8_t *p, vf *lo, vf *hi) { *lo = (float)(*p & 15); *hi = (float)(*p >> 4); }
+#endif
+
+static inline void store_out(int dtype, void *out, int64_t i, float v) {
+    if (dtype == F32) ((float *)out)[i] = v;
+    else ((uint16_t *)out)[i] = f32_to_bf16(v);
+}
+
+/* x [rows, k] (dtype) into float32 [rows, k] at xf */
+static inline void activations_to_f32(int dtype, const void *x, int64_t rows, int64_t k, float *xf) {
+    for (int64_t r = 0; r < rows; r++) load_row(dtype, (const char *)x + r * k * (dtype == F32 ? 4 : 2), xf + r * k, k);
+}
+
+#endif
