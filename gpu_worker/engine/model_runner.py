@@ -102,10 +102,9 @@ class ModelRunner:
         self.buffers = StepBuffers(self.device, ints=tokens + 3 * seqs + seqs * self.max_blocks_per_seq + 3 * tokens,
                                    flags=seqs * max_context, counting=max(tokens, max_context))
         self.decode_scratch = DecodeScratch(self.device)
-        # the calibration chooses between the gather paths, which the fused kernel replaces
         self.use_attention_choice(attention_choice(
             AttentionShape(attn.num_heads, attn.num_kv_heads, attn.head_dim), self.dtype, self.device,
-            enabled=spec.calibrate and self.kernels is None, rank=ctx.rank))
+            enabled=spec.calibrate, rank=ctx.rank, kernels=self.kernels))
         self.program = self._decode_program(ctx.world_size)
         self.compiled: CompiledDecode | None = None
         self.compile_s: float | None = None  # seconds compiling (and warming) the decode path took at start
@@ -134,9 +133,14 @@ class ModelRunner:
                 and CpuKernels.supports(self.dtype))
 
     def use_attention_choice(self, choice: AttentionChoice | None) -> None:
-        """Run decode attention as ``choice`` says from the next step on (None: in the model dtype)."""
+        """Run decode attention as ``choice`` says from the next step on.
+
+        None: the fused kernel where the kernels loaded, else the model dtype.
+        """
         self.attention_choice = choice
-        self._upcast = [n > 0 and choice is not None and choice.upcast(n) for n in range(self.spec.max_num_seqs + 1)]
+        sizes = range(self.spec.max_num_seqs + 1)
+        self._upcast = [n > 0 and choice is not None and choice.upcast(n) for n in sizes]
+        self._fused = [self.kernels is not None and (choice is None or choice.fused(n)) for n in sizes]
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
@@ -210,12 +214,12 @@ class ModelRunner:
         buf.upload(rows_at + num_rows, num_flags)
         tables_t = buf.ints(t + 3 * s, size, (s, max_blocks))          # [seqs, max_blocks]
         prefills = self._prefill_spans(spans, tables_t, num_decodes * decode_len) if spans else []
-        upcast = self._upcast[min(num_decodes, len(self._upcast) - 1)]
+        size = min(num_decodes, len(self._upcast) - 1)
         meta = AttentionMetadata(
             buf.ints(slot_at, slot_at + t), num_decodes,
             tables_t if decode_only else tables_t[:num_decodes, :decode_len // bs],
-            buf.flags(0, num_decodes * decode_len, (num_decodes, 1, 1, decode_len)), prefills, upcast,
-            self.decode_scratch, buf.ints(t + s, t + s + num_decodes))
+            buf.flags(0, num_decodes * decode_len, (num_decodes, 1, 1, decode_len)), prefills, self._upcast[size],
+            self.decode_scratch, buf.ints(t + s, t + s + num_decodes), self._fused[size])
         return StepInputs(buf.ints(0, t), buf.ints(pos_at, pos_at + t), buf.ints(rows_at, rows_at + num_rows), meta)
 
     @staticmethod

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +34,10 @@ ENV = "TPQ_CPU_KERNELS"
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_ops.c", HERE / "cpu_gemv.c", HERE / "cpu_decode.c")
 HEADERS = (HERE / "cpu_common.h",)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
+FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
+ARCHES = ("native", "haswell", "x86-64")
+"""-march values: this CPU (what runs), and AVX2 and plain x86-64 (the tests build those too: each has its own
+vector code in cpu_common.h)."""
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {  # C function -> argument types (every one returns void)
@@ -60,22 +64,22 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def library_path(cc: str, cache_dir: Path | None = None) -> Path:
-    """Where the library built by ``cc`` for this CPU from this source lives."""
+def library_path(cc: str, cache_dir: Path | None = None, arch: str = "native") -> Path:
+    """Where the library built by ``cc`` for ``arch`` on this CPU from these sources lives."""
     texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\n".join([*texts, " ".join(FLAGS), _compiler_version(cc), cpu_model_name(),
+    key = hashlib.sha256("\n".join([*texts, " ".join(FLAGS), arch, _compiler_version(cc), cpu_model_name(),
                                     cpu_flags_hash()]).encode()).hexdigest()[:16]
     return cache_root(cache_dir) / "kernels" / f"cpu_ops-{key}.so"
 
 
-def build(cc: str, target: Path) -> float:
-    """Compile the sources into ``target`` (atomically); returns the seconds it took."""
+def build(cc: str, target: Path, arch: str = "native") -> float:
+    """Compile the sources for ``-march=arch`` into ``target`` (atomically); returns the seconds it took."""
     target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, "-o", str(partial), *map(str, SOURCES), "-lm"], capture_output=True,
-                              text=True)
+        done = subprocess.run([cc, *FLAGS, f"-march={arch}", "-o", str(partial), *map(str, SOURCES), "-lm"],
+                              capture_output=True, text=True)
         if done.returncode != 0:
             raise BuildError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         os.replace(partial, target)
@@ -93,17 +97,27 @@ def load() -> ctypes.CDLL | None:
         log.warning("no C compiler (set CC, or install gcc): fused CPU kernels off, decode steps are slower")
         return None
     try:
-        path = library_path(cc)
-        if not path.exists():
-            log.info("fused CPU kernels built in %.1f s: %s", build(cc, path), path)
-        library = ctypes.CDLL(str(path))
+        return load_arch(cc, "native")
     except (OSError, BuildError, subprocess.SubprocessError) as exc:
         log.warning("fused CPU kernels off, decode steps are slower: %s", exc)
         return None
+
+
+def load_arch(cc: str, arch: str, cache_dir: Path | None = None) -> ctypes.CDLL:
+    """The library for ``-march=arch``, built first if need be (raises what the build or the load raised)."""
+    path = library_path(cc, cache_dir, arch)
+    if not path.exists():
+        log.info("fused CPU kernels (-march=%s) built in %.1f s: %s", arch, build(cc, path, arch), path)
+    library = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, None
     return library
+
+
+def platform_machine() -> str:
+    """The machine's architecture as ``uname -m`` says it (x86_64, aarch64, ...)."""
+    return platform.machine()
 
 
 def _compiler_version(cc: str) -> str:

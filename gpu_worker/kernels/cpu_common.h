@@ -47,6 +47,8 @@ static inline void load_row(int dtype, const void *src, float *dst, int64_t n) {
 typedef __m512 vf;
 static inline vf vzero(void) { return _mm512_setzero_ps(); }
 static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vset(float s) { return _mm512_set1_ps(s); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vscale(vf a, float s) { return _mm512_mul_ps(a, _mm512_set1_ps(s)); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
@@ -67,6 +69,8 @@ static inline void vload_nibbles(const uint8_t *p, vf *lo, vf *hi) {  /* VW byte
 typedef __m256 vf;
 static inline vf vzero(void) { return _mm256_setzero_ps(); }
 static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vset(float s) { return _mm256_set1_ps(s); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vscale(vf a, float s) { return _mm256_mul_ps(a, _mm256_set1_ps(s)); }
 static inline float vsum(vf a) {
@@ -90,6 +94,8 @@ static inline void vload_nibbles(const uint8_t *p, vf *lo, vf *hi) {
 typedef float vf;
 static inline vf vzero(void) { return 0.0f; }
 static inline vf vload(const float *p) { return *p; }
+static inline void vstore(float *p, vf a) { *p = a; }
+static inline vf vset(float s) { return s; }
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline vf vscale(vf a, float s) { return a * s; }
 static inline float vsum(vf a) { return a; }

@@ -31,6 +31,28 @@ static inline __attribute__((always_inline)) void dense_dot(const int R, const i
         for (int f = 0; f < J; f++) sums[r * 4 + f] = vsum(acc[r * J + f]);
 }
 
+/* Output features j..j+3 for all rows from float32 weights wf [4, k], MAX_GEMV_ROWS rows at a time. */
+static void dense_rows(int dtype, const float *xf, int64_t rows, int64_t k, const float *wf, void *out, int64_t n,
+                       int64_t j) {
+    for (int64_t r0 = 0; r0 < rows; r0 += MAX_GEMV_ROWS) {
+        const int64_t chunk = rows - r0 < MAX_GEMV_ROWS ? rows - r0 : MAX_GEMV_ROWS;
+        const float *xc = xf + r0 * k;
+        float sums[MAX_GEMV_ROWS * 4];
+        switch (chunk) {
+            case 1: dense_dot(1, 4, F32, xc, k, wf, sums); break;
+            case 2: dense_dot(2, 4, F32, xc, k, wf, sums); break;
+            case 3: dense_dot(3, 4, F32, xc, k, wf, sums); break;
+            case 4: dense_dot(4, 4, F32, xc, k, wf, sums); break;
+            case 5: dense_dot(5, 4, F32, xc, k, wf, sums); break;
+            case 6: dense_dot(6, 4, F32, xc, k, wf, sums); break;
+            case 7: dense_dot(7, 4, F32, xc, k, wf, sums); break;
+            default: dense_dot(8, 4, F32, xc, k, wf, sums); break;
+        }
+        for (int64_t r = 0; r < chunk; r++)
+            for (int64_t f = 0; f < 4; f++) store_out(dtype, out, (r0 + r) * n + j + f, sums[r * 4 + f]);
+    }
+}
+
 /* Dense weights w [n, k] in the activations' dtype (k a multiple of 16): y = x @ w.T */
 void tpq_dense_gemv(int dtype, const void *x, int64_t rows, int64_t k, const void *w, void *out, int64_t n,
                     int num_threads) {
@@ -99,36 +121,47 @@ void tpq_int8_gemv(int dtype, const void *x, int64_t rows, int64_t k, const int8
     float *xf = malloc(sizeof(float) * (size_t)(rows * k));
     activations_to_f32(dtype, x, rows, k, xf);
     const int64_t groups = (n + 3) / 4;  /* 4 output features at a time; the last group may be short */
-    #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        const int64_t j = g * 4, width = n - j < 4 ? n - j : 4;
-        const int8_t *wj = w + j * k;
-        for (int64_t r0 = 0; r0 < rows; r0 += MAX_GEMV_ROWS) {  /* the group's weights stay in L1 across chunks */
-            const int64_t chunk = rows - r0 < MAX_GEMV_ROWS ? rows - r0 : MAX_GEMV_ROWS;
-            const float *xc = xf + r0 * k;
-            float sums[MAX_GEMV_ROWS * 4];
-            if (width < 4) {  /* the last few features: plain loops */
-                for (int64_t f = 0; f < width; f++)
-                    for (int64_t r = 0; r < chunk; r++) {
-                        float dot = 0.0f;
-                        for (int64_t c = 0; c < k; c++) dot += (float)wj[f * k + c] * xc[r * k + c];
-                        sums[r * 4 + f] = dot * scales[j + f];
-                    }
-            } else {
-                switch (chunk) {  /* one specialised loop per row count */
-                    case 1: int8_dot(1, 4, xc, k, wj, scales + j, sums); break;
-                    case 2: int8_dot(2, 4, xc, k, wj, scales + j, sums); break;
-                    case 3: int8_dot(3, 4, xc, k, wj, scales + j, sums); break;
-                    case 4: int8_dot(4, 4, xc, k, wj, scales + j, sums); break;
-                    case 5: int8_dot(5, 4, xc, k, wj, scales + j, sums); break;
-                    case 6: int8_dot(6, 4, xc, k, wj, scales + j, sums); break;
-                    case 7: int8_dot(7, 4, xc, k, wj, scales + j, sums); break;
-                    default: int8_dot(8, 4, xc, k, wj, scales + j, sums); break;
-                }
+    #pragma omp parallel num_threads(num_threads)
+    {
+        float *wf = rows > MAX_GEMV_ROWS ? malloc(sizeof(float) * (size_t)(4 * k)) : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t j = g * 4, width = n - j < 4 ? n - j : 4;
+            const int8_t *wj = w + j * k;
+            if (wf && width == 4) {  /* many rows: convert the group's weights once, then dense products per chunk */
+                for (int64_t f = 0; f < 4; f++)
+                    for (int64_t c = 0; c < k; c++) wf[f * k + c] = (float)wj[f * k + c] * scales[j + f];
+                dense_rows(dtype, xf, rows, k, wf, out, n, j);
+                continue;
             }
-            for (int64_t r = 0; r < chunk; r++)
-                for (int64_t f = 0; f < width; f++) store_out(dtype, out, (r0 + r) * n + j + f, sums[r * 4 + f]);
+            for (int64_t r0 = 0; r0 < rows; r0 += MAX_GEMV_ROWS) {  /* the group's weights stay in L1 across chunks */
+                const int64_t chunk = rows - r0 < MAX_GEMV_ROWS ? rows - r0 : MAX_GEMV_ROWS;
+                const float *xc = xf + r0 * k;
+                float sums[MAX_GEMV_ROWS * 4];
+                if (width < 4) {  /* the last few features: plain loops */
+                    for (int64_t f = 0; f < width; f++)
+                        for (int64_t r = 0; r < chunk; r++) {
+                            float dot = 0.0f;
+                            for (int64_t c = 0; c < k; c++) dot += (float)wj[f * k + c] * xc[r * k + c];
+                            sums[r * 4 + f] = dot * scales[j + f];
+                        }
+                } else {
+                    switch (chunk) {  /* one specialised loop per row count */
+                        case 1: int8_dot(1, 4, xc, k, wj, scales + j, sums); break;
+                        case 2: int8_dot(2, 4, xc, k, wj, scales + j, sums); break;
+                        case 3: int8_dot(3, 4, xc, k, wj, scales + j, sums); break;
+                        case 4: int8_dot(4, 4, xc, k, wj, scales + j, sums); break;
+                        case 5: int8_dot(5, 4, xc, k, wj, scales + j, sums); break;
+                        case 6: int8_dot(6, 4, xc, k, wj, scales + j, sums); break;
+                        case 7: int8_dot(7, 4, xc, k, wj, scales + j, sums); break;
+                        default: int8_dot(8, 4, xc, k, wj, scales + j, sums); break;
+                    }
+                }
+                for (int64_t r = 0; r < chunk; r++)
+                    for (int64_t f = 0; f < width; f++) store_out(dtype, out, (r0 + r) * n + j + f, sums[r * 4 + f]);
+            }
         }
+        free(wf);
     }
     free(xf);
 }
@@ -162,6 +195,17 @@ static inline __attribute__((always_inline)) void q4_dot(const int R, const int 
         for (int f = 0; f < J; f++) sums[r * 4 + f] = vsum(acc[r * J + f]) + macc[r * J + f];
 }
 
+/* One 4-bit row [k] as float32 weights d * q + m into wf [k]. */
+static inline void q4_dequantize_row(const uint8_t *q, const float *d, const float *m, int64_t k, float *wf) {
+    for (int64_t b = 0; b < k / 32; b++)
+        for (int h = 0; h < 16; h += VW) {
+            vf lo, hi;
+            vload_nibbles(q + b * 16 + h, &lo, &hi);
+            vstore(wf + b * 32 + h, vfma(lo, vset(d[b]), vset(m[b])));
+            vstore(wf + b * 32 + 16 + h, vfma(hi, vset(d[b]), vset(m[b])));
+        }
+}
+
 /* GGUF Q4_0/Q4_1 blocks of 32 weights: w = d * q + m, q in 0..15 (Q4_0: m = -8 d).
  * packed [n, k / 2]: per block 16 bytes, byte i holding q[i] (low nibble) and q[i + 16] (high nibble), as in
  * the GGUF file; d, m [n, k / 32] float32. */
@@ -177,41 +221,52 @@ void tpq_q4_gemv(int dtype, const void *x, int64_t rows, int64_t k, const uint8_
         xsum[i] = s;
     }
     const int64_t groups = (n + 3) / 4;  /* 4 output features at a time; the last group may be short */
-    #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        const int64_t j = g * 4, width = n - j < 4 ? n - j : 4;
-        const uint8_t *qj = packed + j * (k / 2);
-        const float *dj = d + j * blocks, *mj = m + j * blocks;
-        for (int64_t r0 = 0; r0 < rows; r0 += MAX_GEMV_ROWS) {  /* the group's weights stay in L1 across chunks */
-            const int64_t chunk = rows - r0 < MAX_GEMV_ROWS ? rows - r0 : MAX_GEMV_ROWS;
-            const float *xc = xf + r0 * k;
-            float sums[MAX_GEMV_ROWS * 4];
-            if (width < 4) {  /* the last few features: plain loops */
-                for (int64_t f = 0; f < width; f++)
-                    for (int64_t r = 0; r < chunk; r++) {
-                        float dot = 0.0f;
-                        for (int64_t c = 0; c < k; c++) {
-                            uint8_t byte = qj[f * (k / 2) + (c / 32) * 16 + c % 16];
-                            float q = (float)(c % 32 < 16 ? byte & 15 : byte >> 4);
-                            dot += (dj[f * blocks + c / 32] * q + mj[f * blocks + c / 32]) * xc[r * k + c];
-                        }
-                        sums[r * 4 + f] = dot;
-                    }
-            } else {
-                switch (chunk) {
-                    case 1: q4_dot(1, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                    case 2: q4_dot(2, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                    case 3: q4_dot(3, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                    case 4: q4_dot(4, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                    case 5: q4_dot(5, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                    case 6: q4_dot(6, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                    case 7: q4_dot(7, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                    default: q4_dot(8, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                }
+    #pragma omp parallel num_threads(num_threads)
+    {
+        float *wf = rows > MAX_GEMV_ROWS ? malloc(sizeof(float) * (size_t)(4 * k)) : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t j = g * 4, width = n - j < 4 ? n - j : 4;
+            const uint8_t *qj = packed + j * (k / 2);
+            const float *dj = d + j * blocks, *mj = m + j * blocks;
+            if (wf && width == 4) {  /* many rows: convert the group's weights once, then dense products per chunk */
+                for (int64_t f = 0; f < 4; f++)
+                    q4_dequantize_row(qj + f * (k / 2), dj + f * blocks, mj + f * blocks, k, wf + f * k);
+                dense_rows(dtype, xf, rows, k, wf, out, n, j);
+                continue;
             }
-            for (int64_t r = 0; r < chunk; r++)
-                for (int64_t f = 0; f < width; f++) store_out(dtype, out, (r0 + r) * n + j + f, sums[r * 4 + f]);
+            for (int64_t r0 = 0; r0 < rows; r0 += MAX_GEMV_ROWS) {  /* the group's weights stay in L1 across chunks */
+                const int64_t chunk = rows - r0 < MAX_GEMV_ROWS ? rows - r0 : MAX_GEMV_ROWS;
+                const float *xc = xf + r0 * k;
+                float sums[MAX_GEMV_ROWS * 4];
+                if (width < 4) {  /* the last few features: plain loops */
+                    for (int64_t f = 0; f < width; f++)
+                        for (int64_t r = 0; r < chunk; r++) {
+                            float dot = 0.0f;
+                            for (int64_t c = 0; c < k; c++) {
+                                uint8_t byte = qj[f * (k / 2) + (c / 32) * 16 + c % 16];
+                                float q = (float)(c % 32 < 16 ? byte & 15 : byte >> 4);
+                                dot += (dj[f * blocks + c / 32] * q + mj[f * blocks + c / 32]) * xc[r * k + c];
+                            }
+                            sums[r * 4 + f] = dot;
+                        }
+                } else {
+                    switch (chunk) {
+                        case 1: q4_dot(1, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
+                        case 2: q4_dot(2, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
+                        case 3: q4_dot(3, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
+                        case 4: q4_dot(4, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
+                        case 5: q4_dot(5, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
+                        case 6: q4_dot(6, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
+                        case 7: q4_dot(7, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
+                        default: q4_dot(8, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
+                    }
+                }
+                for (int64_t r = 0; r < chunk; r++)
+                    for (int64_t f = 0; f < width; f++) store_out(dtype, out, (r0 + r) * n + j + f, sums[r * 4 + f]);
+            }
         }
+        free(wf);
     }
     free(xf);
 }

@@ -45,7 +45,8 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
     decode_upcast: bool = False            # decode attention in float32 (the calibrated choice for this batch)
     decode_scratch: DecodeScratch | None = None  # reused memory for the gathered keys and values; None: fresh
-    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int64; given, the fused kernel may run
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int64 (the fused kernel's lengths)
+    decode_fused: bool = False             # decode attention as the fused kernel (calibrated, or the default)
 
 
 class DecodeScratch:
@@ -144,7 +145,7 @@ class PagedAttention(nn.Module):
         write_cache(k_cache, meta.slot_mapping, k)
         write_cache(v_cache, meta.slot_mapping, v)
         out = torch.empty_like(q)
-        if (d := meta.num_decodes) and self.kernels is not None and meta.decode_context_lens is not None:
+        if (d := meta.num_decodes) and self.kernels is not None and meta.decode_fused:
             self.kernels.paged_decode_attention(q[:d], k_cache, v_cache, meta.decode_block_tables,
                                                 meta.decode_context_lens, out[:d])
         elif d:

@@ -32,7 +32,8 @@ def relative_rms(x: torch.Tensor, reference: torch.Tensor) -> float:
 def measurements(monkeypatch) -> list[AttentionShape]:
     """Counts real measurements (each call of `calibration.measure` appends its shape)."""
     calls, real = [], calibration.measure
-    monkeypatch.setattr(calibration, "measure", lambda shape, dtype: calls.append(shape) or real(shape, dtype))
+    monkeypatch.setattr(calibration, "measure",
+                        lambda shape, dtype, kernels=None: calls.append(shape) or real(shape, dtype, kernels))
     monkeypatch.delenv(calibration.CALIBRATE_ENV, raising=False)
     return calls
 
@@ -59,10 +60,11 @@ def test_a_second_start_reads_the_cache_and_another_cpu_measures_again(tmp_path,
 def test_the_cached_choice_is_what_counts(tmp_path, measurements):
     """A start trusts the file: a cached choice wins over what this machine would measure."""
     key = cache_key(SHAPE, torch.bfloat16, "Test CPU")
-    cases = [{"batch": b, "model_dtype_us": 1.0, "float32_us": 2.0, "upcast": b == 32} for b in BATCHES]
+    cases = [{"batch": b, "model_dtype_us": 1.0, "float32_us": 2.0, "fused_us": None, "upcast": b == 32,
+              "fused": False} for b in BATCHES]
     (tmp_path / "calibration.json").write_text(json.dumps({key: cases}))
     choice = attention_choice(SHAPE, torch.bfloat16, CPU, cache_dir=tmp_path, cpu_name="Test CPU")
-    assert choice == AttentionChoice(((1, False), (32, True))) and not measurements
+    assert choice == AttentionChoice(((1, False), (32, True)), ((1, False), (32, False))) and not measurements
 
 
 def test_a_broken_cache_is_measured_again_and_rewritten(tmp_path, measurements):
@@ -110,19 +112,21 @@ def test_both_paths_agree_within_the_dtype_rounding(dtype, batch):
 def test_bfloat16_runner_matches_transformers_on_every_path(tiny_llama_dir, tmp_path, monkeypatch, path):
     """A bf16 runner takes its choice from the cache (written beforehand); each path is within bf16 of fp32.
 
-    ``fused``: the fused CPU kernels' attention, which needs no calibration (none is read).
+    ``fused``: the fused CPU kernel's attention, reading the cache blocks in place.
     """
     set_parallel_context(ParallelContext(0, 1))
     monkeypatch.setenv("TPQ_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(calibration.CALIBRATE_ENV, raising=False)
     upcast, fused = path == "float32", path == "fused"
-    key = cache_key(AttentionShape(4, 2, 16), torch.bfloat16, cpu_model_name())
-    cases = [{"batch": b, "model_dtype_us": 1.0, "float32_us": 1.0, "upcast": upcast} for b in BATCHES]
+    key = cache_key(AttentionShape(4, 2, 16), torch.bfloat16, cpu_model_name(), fused=True)
+    cases = [{"batch": b, "model_dtype_us": 1.0, "float32_us": 1.0, "fused_us": 1.0, "upcast": upcast,
+              "fused": fused} for b in BATCHES]
     (tmp_path / "calibration.json").write_text(json.dumps({key: cases}))
-    runner = ModelRunner(RunnerSpec(str(tiny_llama_dir), "bfloat16", "cpu", BLOCK_SIZE, NUM_BLOCKS,
-                                    cpu_kernels=fused))
-    assert (runner.kernels is not None) == fused
-    assert runner.attention_choice == (None if fused else AttentionChoice(tuple((b, upcast) for b in BATCHES)))
+    runner = ModelRunner(RunnerSpec(str(tiny_llama_dir), "bfloat16", "cpu", BLOCK_SIZE, NUM_BLOCKS))
+    assert runner.kernels is not None  # the other fused kernels run on every path; attention is the choice
+    assert runner.attention_choice == AttentionChoice(tuple((b, upcast) for b in BATCHES),
+                                                      tuple((b, fused) for b in BATCHES))
+    assert runner._fused[1] == runner._fused[6] == fused
 
     token_ids = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(4)).tolist()
     reference = hf_reference_logits(tiny_llama_dir, token_ids)                               # [24, vocab]
@@ -151,9 +155,25 @@ def test_an_unwritable_cache_dir_still_measures(tmp_path, measurements):
 
 def test_refresh_measures_again_over_the_cached_entry(tmp_path, measurements, monkeypatch):
     key = cache_key(SHAPE, torch.bfloat16, "Test CPU")
-    stale = [{"batch": b, "model_dtype_us": 1.0, "float32_us": 2.0, "upcast": False} for b in BATCHES]
+    stale = [{"batch": b, "model_dtype_us": 1.0, "float32_us": 2.0, "fused_us": None, "upcast": False,
+              "fused": False} for b in BATCHES]
     (tmp_path / "calibration.json").write_text(json.dumps({key: stale}))
     monkeypatch.setenv(calibration.CALIBRATE_ENV, "refresh")
     attention_choice(SHAPE, torch.bfloat16, CPU, cache_dir=tmp_path, cpu_name="Test CPU")
     assert len(measurements) == 1
     assert json.loads((tmp_path / "calibration.json").read_text())[key] != stale
+
+
+def test_with_the_kernels_the_fused_attention_is_measured_and_the_fastest_path_wins(tmp_path, measurements):
+    from gpu_worker.kernels.cpu_ops import load_kernels
+
+    kernels = load_kernels()
+    assert kernels is not None
+    choice = attention_choice(SHAPE, torch.bfloat16, CPU, cache_dir=tmp_path, cpu_name="Test CPU", kernels=kernels)
+    (entry,) = json.loads((tmp_path / "calibration.json").read_text()).items()
+    assert entry[0] == cache_key(SHAPE, torch.bfloat16, "Test CPU", fused=True)
+    for case in entry[1]:
+        times = {"model": case["model_dtype_us"], "float32": case["float32_us"], "fused": case["fused_us"]}
+        fastest = min(times, key=times.get)
+        assert (case["fused"], case["upcast"]) == (fastest == "fused", fastest == "float32")
+        assert choice.fused(case["batch"]) == case["fused"] and choice.upcast(case["batch"]) == case["upcast"]

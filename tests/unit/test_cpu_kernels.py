@@ -18,11 +18,13 @@ from gpu_worker.llm import Engine
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
-def kernels() -> CpuKernels:
-    loaded = load_kernels()
-    assert loaded is not None, "the fused CPU kernels did not build here (is gcc installed?)"
-    return loaded
+@pytest.fixture(scope="module", params=cpu_build.ARCHES)
+def kernels(request) -> CpuKernels:
+    """The kernels built for this CPU, for AVX2 and for plain x86-64 (each has its own vector code)."""
+    assert load_kernels() is not None, "the fused CPU kernels did not build here (is gcc installed?)"
+    if request.param != "native" and "x86_64" not in cpu_build.platform_machine():
+        pytest.skip(f"-march={request.param} is an x86-64 target")
+    return CpuKernels(cpu_build.load_arch(cpu_build.compiler(), request.param))
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -123,7 +125,7 @@ def test_the_library_is_cached_per_source_and_a_failed_build_says_why(tmp_path, 
     cc = cpu_build.compiler()
     path = cpu_build.library_path(cc, tmp_path)
     assert path.parent == tmp_path / "kernels" and path.name.startswith("cpu_ops-")
-    assert cpu_build.build(cc, path) > 0 and path.exists()
+    assert cpu_build.build(cc, path, "x86-64") > 0 and path.exists()
     assert ctypes.CDLL(str(path)).tpq_rms_norm is not None
     monkeypatch.setattr(cpu_build, "SOURCES", (tmp_path / "broken.c",))
     (tmp_path / "broken.c").write_text("this is not C\n")
