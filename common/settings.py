@@ -78,6 +78,10 @@ class Settings(BaseSettings):
         description="Redis to use (redis://, rediss:// or unix:// URL). None: start an embedded "
         "redis-server with its data in data_dir.",
     )
+    cpu_kernels: Literal["1", "0"] = Field(
+        "1", description="Fused C kernels for CPU steps (gpu_worker/kernels): '1' builds them with the system C "
+        "compiler at first start (cached in cache_dir) and uses them, '0' runs torch ops only.",
+    )
     cache_dir: Path | None = Field(
         None, description="Where models are downloaded and converted. None: the user cache dir."
     )

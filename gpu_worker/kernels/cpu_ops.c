@@ -79,22 +79,28 @@ void tpq_rms_norm(int dtype, const void *x, int64_t x_stride, void *residual, co
 /* out <- silu(gate) * up for gate_up [rows, 2 * width] (gate then up), out [rows, width].
  * bf16: silu's result is rounded before the product, as F.silu(gate) * up rounds it. */
 void tpq_silu_mul(int dtype, const void *gate_up, void *out, int64_t rows, int64_t width, int num_threads) {
-    #pragma omp parallel for num_threads(num_threads) if (rows * width >= PARALLEL_ELEMENTS)
-    for (int64_t r = 0; r < rows; r++) {
-        if (dtype == F32) {
-            const float *g = (const float *)gate_up + r * 2 * width, *u = g + width;
-            float *o = (float *)out + r * width;
-            #pragma omp simd
-            for (int64_t i = 0; i < width; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        } else {
-            const uint16_t *g = (const uint16_t *)gate_up + r * 2 * width, *u = g + width;
-            uint16_t *o = (uint16_t *)out + r * width;
-            #pragma omp simd
-            for (int64_t i = 0; i < width; i++) {
-                float v = bf16_to_f32(g[i]);
-                o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(v / (1.0f + expf(-v)))) * bf16_to_f32(u[i]));
+    #pragma omp parallel num_threads(num_threads) if (rows * width >= PARALLEL_ELEMENTS)
+    {
+        float *gate = malloc(sizeof(float) * (size_t)(2 * width)), *silu = gate + width;  /* this row's */
+        #pragma omp for
+        for (int64_t r = 0; r < rows; r++) {
+            const size_t size = dtype == F32 ? 4 : 2;
+            const char *row = (const char *)gate_up + r * 2 * width * size;
+            load_row(dtype, row, gate, width);
+            for (int64_t i = 0; i < width; i++) silu[i] = -gate[i];
+            exp_inplace(silu, width);
+            for (int64_t i = 0; i < width; i++) silu[i] = gate[i] / (1.0f + silu[i]);
+            float *up = gate;                                                 /* the gate is spent */
+            load_row(dtype, row + width * size, up, width);
+            if (dtype == F32) {
+                float *o = (float *)out + r * width;
+                for (int64_t i = 0; i < width; i++) o[i] = silu[i] * up[i];
+            } else {
+                uint16_t *o = (uint16_t *)out + r * width;
+                for (int64_t i = 0; i < width; i++) o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(silu[i])) * up[i]);
             }
         }
+        free(gate);
     }
 }
 
@@ -184,7 +190,9 @@ void tpq_paged_decode_attention(int q_dtype, int kv_dtype, const void *q, int64_
         float denominator[group > 0 ? group : 1];
         for (int64_t j = 0; j < group; j++) {
             float sum = 0.0f, *sj = scores + j * ctx;
-            for (int64_t t = 0; t < ctx; t++) { sj[t] = expf(sj[t] - max_score[j]); sum += sj[t]; }
+            for (int64_t t = 0; t < ctx; t++) sj[t] -= max_score[j];
+            exp_inplace(sj, ctx);
+            for (int64_t t = 0; t < ctx; t++) sum += sj[t];
             denominator[j] = sum;
             for (int64_t i = 0; i < dim; i++) acc[j * dim + i] = 0.0f;
         }
