@@ -50,8 +50,8 @@ SIGNATURES = {  # C function -> argument types (every one returns void)
     "tpq_int8_gemv": (_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _int),
     "tpq_q4_gemv": (_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _int),
     "tpq_q4_dequantize": (_int, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int),
-    "tpq_decode_layers": (_int, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _int,
-                          _int),
+    "tpq_decode_layers": (_int, _int, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64,
+                          _int, _int),
 }
 
 

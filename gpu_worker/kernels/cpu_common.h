@@ -6,6 +6,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 enum { F32 = 0, BF16 = 1, FP8 = 2 };
 
@@ -25,6 +28,49 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 
 extern float tpq_fp8_table[256];  /* e4m3fn byte -> float32, filled when the library loads */
 
+/* e4m3fn bytes to float32 through float16: the byte's 7 low bits, shifted to a half's exponent and mantissa,
+ * are the same value scaled by 2^-8 (subnormals included; 0x7f, NaN in e4m3fn, reads 480: caches written
+ * by saturating casts never hold it). */
+#if defined(__AVX512F__)
+static inline void fp8_to_f32_vec(const uint8_t *src, float *dst) {  /* 16 values */
+    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)src));
+    __m256i half = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
+                                   _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
+    _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.0f)));
+}
+#define FP8_VEC 16
+#elif defined(__AVX2__) && defined(__F16C__)
+static inline void fp8_to_f32_vec(const uint8_t *src, float *dst) {  /* 8 values */
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)src));
+    __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7),
+                                _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.0f)));
+}
+#define FP8_VEC 8
+#else
+#define FP8_VEC 0
+#endif
+
+/* float32 to e4m3fn as a saturating cast rounds it: |v| clamped to 448, then round to nearest even (c10's
+ * fp8e4m3fn_from_fp32_value). */
+static inline uint8_t f32_to_fp8(float v) {
+    union { float f; uint32_t u; } x = { .f = v };
+    const uint32_t sign = x.u & 0x80000000u;
+    x.u ^= sign;
+    if (!(x.f <= 448.0f)) x.f = 448.0f;  /* NaN stays out of the cache too */
+    uint8_t result;
+    if (x.u < (121u << 23)) {  /* below 2^-6, e4m3's smallest normal: round through a denormal-sized add */
+        union { uint32_t u; float f; } denorm = { .u = 141u << 23 };
+        union { float f; uint32_t u; } sum = { .f = x.f + denorm.f };
+        result = (uint8_t)(sum.u - denorm.u);
+    } else {
+        uint32_t mant_odd = (x.u >> 20) & 1u;
+        x.u += ((uint32_t)(7 - 127) << 23) + 0x7ffffu + mant_odd;
+        result = (uint8_t)(x.u >> 20);
+    }
+    return result | (uint8_t)(sign >> 24);
+}
+
 /* n elements of a dtype-coded row into float32 */
 static inline void load_row(int dtype, const void *src, float *dst, int64_t n) {
     if (dtype == F32) {
@@ -36,7 +82,11 @@ static inline void load_row(int dtype, const void *src, float *dst, int64_t n) {
         for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
     } else {
         const uint8_t *s = src;
-        for (int64_t i = 0; i < n; i++) dst[i] = tpq_fp8_table[s[i]];
+        int64_t i = 0;
+#if FP8_VEC
+        for (; i + FP8_VEC <= n; i += FP8_VEC) fp8_to_f32_vec(s + i, dst + i);
+#endif
+        for (; i < n; i++) dst[i] = tpq_fp8_table[s[i]];
     }
 }
 

@@ -6,7 +6,7 @@
  * decoding sequences with the kernels of cpu_ops.c and cpu_gemv.c, in the order and with the roundings
  * of the eager path (LlamaDecoderLayer): residual add + RMSNorm, fused QKV, RoPE, KV-cache write,
  * paged attention, o_proj, residual add + RMSNorm, gate/up, SiLU-and-multiply, down. One rank only
- * (no all-reduce), KV cache in the model's dtype.
+ * (no all-reduce); the KV cache in the model's dtype or e4m3 (written as torch's saturating cast rounds).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -74,12 +74,23 @@ static void linear(int dtype, const tpq_linear *l, const void *x, int64_t rows, 
  * context_lens [seqs] (this token included) what it attends to. matrix_work_only (benchmarks): run only
  * the matrix products and attention, to measure what a step costs beyond them.
  */
-void tpq_decode_layers(int dtype, const tpq_shape *shape, const tpq_layer *layers, int64_t num_layers,
+/* One token's keys or values [kv_heads * head_dim] (dtype) into a cache slot (kv_dtype: dtype or FP8). */
+static void write_slot(int dtype, int kv_dtype, const char *row, char *slot, int64_t n) {
+    if (kv_dtype != FP8) {
+        memcpy(slot, row, (size_t)n * (dtype == F32 ? 4 : 2));
+        return;
+    }
+    for (int64_t i = 0; i < n; i++)
+        ((uint8_t *)slot)[i] = f32_to_fp8(dtype == F32 ? ((const float *)row)[i]
+                                                       : bf16_to_f32(((const uint16_t *)row)[i]));
+}
+
+void tpq_decode_layers(int dtype, int kv_dtype, const tpq_shape *shape, const tpq_layer *layers, int64_t num_layers,
                        const void *final_norm, void *hidden, const void *cos, const void *sin, const int64_t *slots,
                        const int64_t *block_tables, int64_t table_stride, const int64_t *context_lens, int64_t seqs,
                        int threads, int matrix_work_only) {
     const int all = !matrix_work_only;
-    const size_t size = dtype == F32 ? 4 : 2;
+    const size_t size = dtype == F32 ? 4 : 2, kv_size = kv_dtype == FP8 ? 1 : size;
     const int64_t h = shape->hidden, d = shape->head_dim, heads = shape->heads, kv = shape->kv_heads;
     const int64_t qkv_width = (heads + 2 * kv) * d, inter = shape->intermediate;
     /* scratch, each [seqs, width] in dtype: residual | normed | qkv | attended | gate_up | activated */
@@ -97,10 +108,10 @@ void tpq_decode_layers(int dtype, const tpq_shape *shape, const tpq_layer *layer
         if (all) tpq_rope(dtype, qkv, qkv_width, cos, sin, seqs, heads + kv, d, threads);
         for (int64_t s = 0; s < seqs && all; s++) {  /* this token's key and value into its cache slot */
             const char *k_row = qkv + size * (s * qkv_width + heads * d), *v_row = k_row + size * kv * d;
-            memcpy((char *)layer->k_cache + size * slots[s] * kv * d, k_row, size * kv * d);
-            memcpy((char *)layer->v_cache + size * slots[s] * kv * d, v_row, size * kv * d);
+            write_slot(dtype, kv_dtype, k_row, (char *)layer->k_cache + kv_size * slots[s] * kv * d, kv * d);
+            write_slot(dtype, kv_dtype, v_row, (char *)layer->v_cache + kv_size * slots[s] * kv * d, kv * d);
         }
-        tpq_paged_decode_attention(dtype, dtype, qkv, qkv_width, attended, layer->k_cache, layer->v_cache,
+        tpq_paged_decode_attention(dtype, kv_dtype, qkv, qkv_width, attended, layer->k_cache, layer->v_cache,
                                    block_tables, table_stride, context_lens, seqs, heads, kv, d, shape->block_size,
                                    1.0f / sqrtf((float)d), threads);
         linear(dtype, &layer->o, attended, seqs, layer_out, threads);

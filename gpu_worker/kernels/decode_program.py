@@ -9,7 +9,7 @@ costs the embedding lookup, the RoPE tables, this one call and the LM head.
 It covers what the C side implements: one rank (tp=1), a CPU runner in
 float32 or bf16 whose linear layers are dense in the model dtype (bf16 on a
 CPU where torch keeps the plain weight), int8 or 4-bit, a KV cache in the
-model's dtype, and decode steps of at most `MAX_SEQS` sequences. Anything
+model's dtype or fp8, and decode steps of at most `MAX_SEQS` sequences. Anything
 else runs the eager path; `DecodeProgram.unsupported` says why.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import ctypes
 import torch
 from torch import nn
 
-from gpu_worker.kernels.cpu_ops import DTYPE_CODES, CpuKernels
+from gpu_worker.kernels.cpu_ops import DTYPE_CODES, FP8, CpuKernels
 from gpu_worker.layers.attention import AttentionMetadata
 
 MAX_SEQS = 8
@@ -92,7 +92,7 @@ class DecodeProgram:
         dtype = model.model.embed_tokens.weight.dtype
         if world_size != 1:
             return f"tensor parallelism ({world_size} ranks)"
-        if dtype not in (torch.float32, torch.bfloat16) or kv_cache.dtype != dtype:
+        if dtype not in (torch.float32, torch.bfloat16) or kv_cache.dtype not in (dtype, FP8):
             return f"a {kv_cache.dtype} KV cache under {dtype} activations"
         layer = model.model.layers[0]
         for name, module in [("qkv_proj", layer.self_attn.qkv_proj), ("o_proj", layer.self_attn.o_proj),
@@ -118,8 +118,8 @@ class DecodeProgram:
         cos, sin = (t.contiguous() for t in decoder.rotary.cos_sin(positions))  # each [seqs, 1, head_dim]
         tables = meta.decode_block_tables                                         # [seqs, blocks], rows strided
         self._lib.tpq_decode_layers(
-            DTYPE_CODES[self.dtype], ctypes.byref(self.shape), self.layers, len(self.layers),
-            decoder.norm.weight.data_ptr(), hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            DTYPE_CODES[self.dtype], DTYPE_CODES[self.kv_cache.dtype], ctypes.byref(self.shape), self.layers,
+            len(self.layers), decoder.norm.weight.data_ptr(), hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             meta.slot_mapping.data_ptr(), tables.data_ptr(), tables.stride(0), meta.decode_context_lens.data_ptr(),
             seqs, torch.get_num_threads(), matrix_work_only)
         return hidden

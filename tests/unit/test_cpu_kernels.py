@@ -236,3 +236,14 @@ def test_bad_quantized_inputs_are_refused_with_what_was_wrong(kernels):
         kernels.int8_gemv(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(7))
     with pytest.raises(ValueError, match="float32/bf16"):
         kernels.int8_gemv(torch.randn(1, 64).half(), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
+
+
+def test_fp8_bytes_read_and_write_as_torchs_casts(kernels):
+    """Every e4m3fn byte but NaN decodes as torch decodes it; the program's writes round as torch's cast does."""
+    every = torch.arange(256, dtype=torch.uint8)
+    every = every[(every & 0x7F) != 0x7F]                                     # NaN: never written (saturating)
+    cache = every.view(FP8).view(1, 1, 1, -1)                                 # [1 block, 1 slot, 1 head, 254]
+    q = torch.zeros(1, 1, every.numel())                                      # zero scores: attention = the mean
+    out = kernels.paged_decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.int64),
+                                         torch.ones(1, dtype=torch.int64))
+    torch.testing.assert_close(out.view(-1), every.view(FP8).float(), rtol=0, atol=0)

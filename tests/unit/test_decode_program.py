@@ -50,12 +50,16 @@ def decode_batch(runner: ModelRunner, lengths: list[int], first_block: int) -> t
     return runner.execute(pack_step(seqs, [1] * len(seqs), BLOCK_SIZE))            # [seqs, vocab]
 
 
-@pytest.mark.parametrize("dtype,quantization", [("float32", "int8"), ("bfloat16", "int8"), ("bfloat16", None)])
-def test_the_program_gives_the_logits_of_the_op_by_op_path(tiny_llama_dir, monkeypatch, dtype, quantization):
+@pytest.mark.parametrize("dtype,quantization,kv_cache_dtype", [
+    ("float32", "int8", "auto"), ("bfloat16", "int8", "auto"), ("bfloat16", None, "auto"),
+    ("float32", "int8", "fp8"), ("bfloat16", "int8", "fp8"),   # the program writes e4m3 as torch's cast rounds
+])
+def test_the_program_gives_the_logits_of_the_op_by_op_path(tiny_llama_dir, monkeypatch, dtype, quantization,
+                                                            kv_cache_dtype):
     calls = count_program_calls(monkeypatch)
-    program = make_runner(tiny_llama_dir, dtype, quantization)
+    program = make_runner(tiny_llama_dir, dtype, quantization, kv_cache_dtype=kv_cache_dtype)
     assert program.program is not None
-    ops = make_runner(tiny_llama_dir, dtype, quantization)
+    ops = make_runner(tiny_llama_dir, dtype, quantization, kv_cache_dtype=kv_cache_dtype)
     ops.program = None                                         # the same kernels, layer by layer from Python
     token_ids = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(4)).tolist()
     logits, positions = paged_logits(program.execute, token_ids, prefill_chunks=[9, 5])   # then 10 decodes
@@ -90,7 +94,6 @@ def test_more_sequences_than_the_program_takes_run_op_by_op(tiny_llama_dir, monk
 
 @pytest.mark.parametrize("options,reason", [
     ({"dtype": "float32"}, "qkv_proj: LinearKernel"),                    # fp32 dense: only oneDNN's packed copy
-    ({"dtype": "bfloat16", "kv_cache_dtype": "fp8"}, "KV cache"),
     ({"dtype": "float32", "quantization": "int8", "cpu_kernels": False}, None),  # no kernels: no program at all
 ])
 def test_what_the_program_does_not_cover_runs_op_by_op_and_says_why(tiny_llama_dir, options, reason):
