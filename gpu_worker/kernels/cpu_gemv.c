@@ -13,6 +13,21 @@
  */
 #define MAX_GEMV_ROWS 8
 
+/* DOT(R) with R = rows (1..MAX_GEMV_ROWS) as a constant: each row count gets its own inlined loop, whose
+ * accumulators stay in registers. */
+#define WITH_CONSTANT_ROWS(rows, DOT) do {                                                               \
+        switch (rows) {                                                                                  \
+            case 1: DOT(1); break;                                                                       \
+            case 2: DOT(2); break;                                                                       \
+            case 3: DOT(3); break;                                                                       \
+            case 4: DOT(4); break;                                                                       \
+            case 5: DOT(5); break;                                                                       \
+            case 6: DOT(6); break;                                                                       \
+            case 7: DOT(7); break;                                                                       \
+            default: DOT(8); break;                                                                      \
+        }                                                                                                \
+    } while (0)
+
 /* Output features j..j+J of the dense product (weights in the activations' dtype), for R rows (see int8_dot). */
 static inline __attribute__((always_inline)) void dense_dot(const int R, const int J, int dtype, const float *xf,
                                                             int64_t k, const void *w, float *sums) {
@@ -38,16 +53,9 @@ static void dense_rows(int dtype, const float *xf, int64_t rows, int64_t k, cons
         const int64_t chunk = rows - r0 < MAX_GEMV_ROWS ? rows - r0 : MAX_GEMV_ROWS;
         const float *xc = xf + r0 * k;
         float sums[MAX_GEMV_ROWS * 4];
-        switch (chunk) {
-            case 1: dense_dot(1, 4, F32, xc, k, wf, sums); break;
-            case 2: dense_dot(2, 4, F32, xc, k, wf, sums); break;
-            case 3: dense_dot(3, 4, F32, xc, k, wf, sums); break;
-            case 4: dense_dot(4, 4, F32, xc, k, wf, sums); break;
-            case 5: dense_dot(5, 4, F32, xc, k, wf, sums); break;
-            case 6: dense_dot(6, 4, F32, xc, k, wf, sums); break;
-            case 7: dense_dot(7, 4, F32, xc, k, wf, sums); break;
-            default: dense_dot(8, 4, F32, xc, k, wf, sums); break;
-        }
+        #define DOT(R) dense_dot(R, 4, F32, xc, k, wf, sums)
+        WITH_CONSTANT_ROWS(chunk, DOT);
+        #undef DOT
         for (int64_t r = 0; r < chunk; r++)
             for (int64_t f = 0; f < 4; f++) store_out(dtype, out, (r0 + r) * n + j + f, sums[r * 4 + f]);
     }
@@ -79,16 +87,9 @@ void tpq_dense_gemv(int dtype, const void *x, int64_t rows, int64_t k, const voi
                     }
                 }
             } else {
-                switch (chunk) {
-                    case 1: dense_dot(1, 4, dtype, xc, k, wj, sums); break;
-                    case 2: dense_dot(2, 4, dtype, xc, k, wj, sums); break;
-                    case 3: dense_dot(3, 4, dtype, xc, k, wj, sums); break;
-                    case 4: dense_dot(4, 4, dtype, xc, k, wj, sums); break;
-                    case 5: dense_dot(5, 4, dtype, xc, k, wj, sums); break;
-                    case 6: dense_dot(6, 4, dtype, xc, k, wj, sums); break;
-                    case 7: dense_dot(7, 4, dtype, xc, k, wj, sums); break;
-                    default: dense_dot(8, 4, dtype, xc, k, wj, sums); break;
-                }
+                #define DOT(R) dense_dot(R, 4, dtype, xc, k, wj, sums)
+                WITH_CONSTANT_ROWS(chunk, DOT);
+                #undef DOT
             }
             for (int64_t r = 0; r < chunk; r++)
                 for (int64_t f = 0; f < width; f++) store_out(dtype, out, (r0 + r) * n + j + f, sums[r * 4 + f]);
@@ -146,16 +147,9 @@ void tpq_int8_gemv(int dtype, const void *x, int64_t rows, int64_t k, const int8
                             sums[r * 4 + f] = dot * scales[j + f];
                         }
                 } else {
-                    switch (chunk) {  /* one specialised loop per row count */
-                        case 1: int8_dot(1, 4, xc, k, wj, scales + j, sums); break;
-                        case 2: int8_dot(2, 4, xc, k, wj, scales + j, sums); break;
-                        case 3: int8_dot(3, 4, xc, k, wj, scales + j, sums); break;
-                        case 4: int8_dot(4, 4, xc, k, wj, scales + j, sums); break;
-                        case 5: int8_dot(5, 4, xc, k, wj, scales + j, sums); break;
-                        case 6: int8_dot(6, 4, xc, k, wj, scales + j, sums); break;
-                        case 7: int8_dot(7, 4, xc, k, wj, scales + j, sums); break;
-                        default: int8_dot(8, 4, xc, k, wj, scales + j, sums); break;
-                    }
+                    #define DOT(R) int8_dot(R, 4, xc, k, wj, scales + j, sums)
+                    WITH_CONSTANT_ROWS(chunk, DOT);
+                    #undef DOT
                 }
                 for (int64_t r = 0; r < chunk; r++)
                     for (int64_t f = 0; f < width; f++) store_out(dtype, out, (r0 + r) * n + j + f, sums[r * 4 + f]);
@@ -251,16 +245,9 @@ void tpq_q4_gemv(int dtype, const void *x, int64_t rows, int64_t k, const uint8_
                             sums[r * 4 + f] = dot;
                         }
                 } else {
-                    switch (chunk) {
-                        case 1: q4_dot(1, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                        case 2: q4_dot(2, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                        case 3: q4_dot(3, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                        case 4: q4_dot(4, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                        case 5: q4_dot(5, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                        case 6: q4_dot(6, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                        case 7: q4_dot(7, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                        default: q4_dot(8, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums); break;
-                    }
+                    #define DOT(R) q4_dot(R, 4, xc, xsum + r0 * blocks, k, qj, dj, mj, sums)
+                    WITH_CONSTANT_ROWS(chunk, DOT);
+                    #undef DOT
                 }
                 for (int64_t r = 0; r < chunk; r++)
                     for (int64_t f = 0; f < width; f++) store_out(dtype, out, (r0 + r) * n + j + f, sums[r * 4 + f]);

@@ -21,6 +21,9 @@ from torch import nn
 
 from gpu_worker.kernels.cpu_ops import DTYPE_CODES, FP8, CpuKernels
 from gpu_worker.layers.attention import AttentionMetadata
+from gpu_worker.layers.gemm import LinearKernel
+from gpu_worker.layers.q4 import Q4LinearKernel
+from gpu_worker.layers.quant import Int8LinearKernel
 
 MAX_SEQS = 8
 """The most sequences a program's step takes: at more, the dense bf16 layers lose to torch's GEMM."""
@@ -45,10 +48,6 @@ class Shape(ctypes.Structure):
 
 def linear_entry(module: nn.Module, dtype: torch.dtype) -> Linear | str:
     """The C description of one linear layer's kernel, or why it has none."""
-    from gpu_worker.layers.gemm import LinearKernel
-    from gpu_worker.layers.q4 import Q4LinearKernel
-    from gpu_worker.layers.quant import Int8LinearKernel
-
     kernel, bias = module.kernel, module.bias
     if bias is not None and bias.dtype != dtype:
         return f"a bias in {bias.dtype}"
